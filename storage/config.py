@@ -1,0 +1,272 @@
+"""Workspace configuration (``prefloop.toml``): pydantic models, one docstring per field.
+
+Validated on every load: an error names the bad key and, for a choice, the allowed values.
+Secrets never live here: API keys come only from the environment.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomlkit
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storage.errors import ConfigError
+
+CONFIG_NAME = "prefloop.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class PolicyConfig(_Section):
+    model: str = "tiny"
+    """Base policy model: `tiny`, `demo`, a Hugging Face hub id, or a local folder."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine: `hf` (transformers generate, CPU or GPU) or `vllm` (GPU extra)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for generation and training; bf16/fp16 need a GPU."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor parallelism (GPUs per generation job)."""
+
+
+class GenerationConfig(_Section):
+    k: int = Field(5, ge=1, le=64)
+    """Candidates sampled per prompt from the policy view."""
+    temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature (0 means greedy)."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Cap on the length of each answer, in tokens."""
+    seed: int = 0
+    """Base seed; each prompt's seed is derived from it and the prompt id."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate() call (each expands to k sequences)."""
+    views: list[str] = ["original"]
+    """Views to answer: `original` plus SeVa views such as `aug:diffusion:500` or `aug:flip`."""
+
+
+class PairsConfig(_Section):
+    strategy: str = "seva"
+    """Pair strategy (see `prefloop pairs --help`): seva, best-worst, best-vs-random, human-only."""
+    judge: str | None = None
+    """Judge whose scores rank candidates for best-worst / best-vs-random."""
+    score: str = "overall"
+    """Score column used by best-worst: overall, helpfulness, ..., score."""
+    min_margin: float = 2.0
+    """best-vs-random: helpfulness+correctness+coherence of the rejected is at least this much lower."""
+    seed: int = 0
+    """Seed for random choices in pair strategies."""
+
+
+class TrainConfig(_Section):
+    lora: bool = True
+    """LoRA (peft) when true, full fine-tuning when false."""
+    lora_r: int = Field(8, ge=1)
+    """LoRA rank."""
+    lora_alpha: int = Field(16, ge=1)
+    """LoRA alpha."""
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA dropout."""
+    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    """Regex over module names that get LoRA adapters (leave the vision tower out by default)."""
+    train_projector: bool = True
+    """Also train the multimodal projector in full (peft modules_to_save)."""
+    loss: list[str] = ["sigmoid"]
+    """DPO loss types: sigmoid, ipo, hinge, robust, sft (several are summed with `loss_weights`)."""
+    loss_weights: list[float] | None = None
+    """Weights for the loss types, same length as `loss`."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """Label smoothing for the `robust` loss."""
+    beta: float = Field(0.1, gt=0.0)
+    """DPO beta."""
+    learning_rate: float = Field(5e-5, gt=0.0)
+    """Peak learning rate."""
+    epochs: float = Field(1.0, gt=0.0)
+    """Epochs over the round's pairs."""
+    batch_size: int = Field(2, ge=1)
+    """Per-device batch size."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    max_completion_length: int = Field(128, ge=1)
+    """Cap on each answer's tokens; prompts (with image tokens) are never truncated."""
+    max_length: int = Field(1024, ge=16)
+    """A pair whose prompt plus capped answer exceeds this is skipped and counted."""
+    reference: Literal["previous", "initial"] = "previous"
+    """Reference policy: the previous round's checkpoint, or the initial base model."""
+    merge: bool = True
+    """Merge the LoRA adapter into full weights after training (in a fresh process)."""
+    launcher: Literal["local", "deepspeed"] = "local"
+    """`local` runs one process; `deepspeed` runs the deepspeed launcher with `num_processes` ranks."""
+    num_processes: int = Field(1, ge=1)
+    """Ranks per node for the deepspeed launcher."""
+    zero_stage: Literal[2, 3] = 3
+    """DeepSpeed ZeRO stage of the shipped config."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile for multi-node launch."""
+    seed: int = 0
+    """Training seed."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory (slower; useful for 7B models on GPUs)."""
+
+
+class GeminiConfig(_Section):
+    model: str = "gemini-2.5-flash"
+    """Gemini model name."""
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    """Sampling temperature of the judge."""
+    base_url: str | None = None
+    """API base URL override (a proxy, or a fake server in tests)."""
+    concurrency: int = Field(8, ge=1)
+    """Calls in flight at once."""
+    requests_per_minute: int = Field(60, ge=1)
+    """Client-side request limit."""
+    tokens_per_minute: int = Field(1_000_000, ge=1)
+    """Client-side token limit."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Per-call timeout in seconds."""
+    max_retries: int = Field(5, ge=0)
+    """Retries on 408/429/5xx and timeouts, with exponential backoff and jitter."""
+    backoff_s: float = Field(1.0, gt=0)
+    """First backoff delay in seconds."""
+
+
+class CriticConfig(_Section):
+    model: str = "tiny"
+    """Critic VLM: `tiny`, `demo`, a hub id or a local folder (e.g. a -hf conversion of LLaVA-Critic)."""
+    mode: Literal["rubric", "pointwise", "pairwise"] = "pointwise"
+    """rubric: five 0-4 metrics; pointwise: 0-100 score; pairwise: all ordered pairs."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine for the critic."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Cap on the critic's reply."""
+
+
+class JudgesConfig(_Section):
+    gemini: GeminiConfig = GeminiConfig()
+    """Gemini HelpSteer rubric judge."""
+    critic: CriticConfig = CriticConfig()
+    """Local critic VLM judge."""
+    default: list[str] = []
+    """Judges run automatically after generation in a round."""
+
+
+class ReviewConfig(_Section):
+    required: Literal["off", "required"] = "off"
+    """`required`: a round stops at review until `quota` prompts are labelled."""
+    quota: int = Field(0, ge=0)
+    """Prompts that must be labelled before training when review is required."""
+    overlap: int = Field(1, ge=1)
+    """Annotators per prompt."""
+    claim_minutes: float = Field(15.0, gt=0)
+    """A served prompt is held for this long, then offered again."""
+    queue_order: Literal["disagreement", "margin", "random", "in_order"] = "disagreement"
+    """Order of the review queue."""
+
+
+class RoundConfig(_Section):
+    promote: Literal["always", "if_not_worse"] = "always"
+    """`if_not_worse`: a round whose checkpoint loses the eval is not promoted."""
+    eval_judge: str | None = None
+    """Judge comparing c(r) with c(r-1) on held-out prompts (None: skip eval)."""
+
+
+class WorkspaceConfig(_Section):
+    name: str = "prefloop"
+    """A label for this workspace."""
+    policy: PolicyConfig = PolicyConfig()
+    generation: GenerationConfig = GenerationConfig()
+    pairs: PairsConfig = PairsConfig()
+    train: TrainConfig = TrainConfig()
+    judges: JudgesConfig = JudgesConfig()
+    review: ReviewConfig = ReviewConfig()
+    round: RoundConfig = RoundConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        got_s = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {key}: {msg}{got_s}")
+    return "; ".join(lines)
+
+
+def validate(data: dict[str, Any], source: str = CONFIG_NAME) -> WorkspaceConfig:
+    try:
+        return WorkspaceConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load(path: Path) -> WorkspaceConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return validate(data, str(path))
+
+
+def dump(cfg: WorkspaceConfig) -> str:
+    """TOML text of a config, with each field's docstring as a comment."""
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment("prefloop workspace config; validated on every load. API keys come only from"))
+    doc.add(tomlkit.comment("the environment (GEMINI_API_KEY / GOOGLE_API_KEY) and never live here."))
+    _fill(doc, cfg)
+    return tomlkit.dumps(doc)
+
+
+def _fill(container, model: BaseModel) -> None:
+    fields = type(model).model_fields
+    for name, info in fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            continue
+        if value is None:
+            container.add(tomlkit.comment(f"{name} = (unset)  # {info.description or ''}"))
+            continue
+        item = tomlkit.item(value)
+        if info.description:
+            item.comment(info.description.replace("\n", " "))
+        container.add(name, item)
+    for name, info in fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            table = tomlkit.table()
+            _fill(table, value)
+            container.add(name, table)
+
+
+def save(cfg: WorkspaceConfig, path: Path) -> None:
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(dump(cfg), encoding="utf-8")
+    tmp.replace(path)
+
+
+def update(cfg: WorkspaceConfig, changes: dict[str, Any]) -> WorkspaceConfig:
+    """A new validated config with dotted-key changes applied, e.g. {"train.beta": 0.2}."""
+    data = cfg.model_dump()
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{CONFIG_NAME}: {dotted}: unknown key")
+            node = node[p]
+        node[leaf] = value
+    return validate(data)

@@ -1,0 +1,195 @@
+"""The workspace folder and its single owner.
+
+DuckDB lets one process hold the database file read-write, and while it does no other process can
+open it at all. DuckDB's own file lock is the authority; the owner also writes ``owner.json`` (pid,
+command, start time) so that a second process can say *who* holds the workspace. A stale
+``owner.json`` left by ``kill -9`` never blocks: if DuckDB grants the lock, the file is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from storage import config as cfgmod
+from storage import migrations
+from storage.errors import NotAWorkspace, UsageError, WorkspaceInUse
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "prefloop.duckdb"
+OWNER_NAME = "owner.json"
+SUBDIRS = ("images", "runs", "checkpoints")
+DEFAULT_MEMORY_LIMIT = "2GB"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths inside a workspace folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / cfgmod.CONFIG_NAME
+
+    @property
+    def db(self) -> Path:
+        return self.root / DB_NAME
+
+    @property
+    def owner(self) -> Path:
+        return self.root / OWNER_NAME
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def round_dir(self, round_id: int) -> Path:
+        return self.runs / f"r{round_id:03d}"
+
+    def is_workspace(self) -> bool:
+        return self.config.is_file()
+
+
+def layout(root: str | os.PathLike) -> Layout:
+    return Layout(Path(root).expanduser().resolve())
+
+
+def require_workspace(root: str | os.PathLike) -> Layout:
+    lay = layout(root)
+    if not lay.is_workspace():
+        raise NotAWorkspace(
+            f"{lay.root} is not a prefloop workspace (no {cfgmod.CONFIG_NAME}); "
+            f"create one with `prefloop init {root}` or pass -w DIR"
+        )
+    return lay
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_owner(lay: Layout) -> dict | None:
+    try:
+        return json.loads(lay.owner.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _in_use_message(lay: Layout, duck_msg: str) -> str:
+    info = read_owner(lay)
+    if info and info.get("pid") and _pid_alive(int(info["pid"])):
+        return f"the workspace {lay.root} is in use by {info.get('command', 'another process')}, pid {info['pid']}"
+    m = re.search(r"PID (\d+)", duck_msg)
+    who = f"pid {m.group(1)}" if m else "another process"
+    return f"the workspace {lay.root} is in use by {who} (DuckDB holds its lock)"
+
+
+@dataclass
+class Workspace:
+    """An open workspace: its layout, validated config and the owner's DuckDB connection.
+
+    Use one ``cursor()`` per thread. ``close()`` (or the context manager) releases the lock.
+    """
+
+    lay: Layout
+    config: cfgmod.WorkspaceConfig
+    con: duckdb.DuckDBPyConnection
+    command: str
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return self.lay.root
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            return self.con.cursor()
+
+    def reload_config(self) -> cfgmod.WorkspaceConfig:
+        self.config = cfgmod.load(self.lay.config)
+        return self.config
+
+    def save_config(self, cfg: cfgmod.WorkspaceConfig) -> None:
+        cfgmod.save(cfg, self.lay.config)
+        self.config = cfg
+
+    def close(self) -> None:
+        try:
+            self.con.close()
+        finally:
+            info = read_owner(self.lay)
+            if info and info.get("pid") == os.getpid():
+                try:
+                    self.lay.owner.unlink()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect_owner(lay: Layout, command: str, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
+    try:
+        con = duckdb.connect(str(lay.db), config={"memory_limit": memory_limit})
+    except duckdb.IOException as err:
+        if "lock" in str(err).lower():
+            raise WorkspaceInUse(_in_use_message(lay, str(err))) from None
+        raise UsageError(f"cannot open {lay.db}: {err}") from None
+    tmp = lay.owner.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "command": command, "host": socket.gethostname(),
+                               "started_at": time.time()}))
+    tmp.replace(lay.owner)
+    return con
+
+
+def open_workspace(root: str | os.PathLike, command: str = "prefloop", migrate: bool = True) -> Workspace:
+    """Open an existing workspace as its single owner (raises WorkspaceInUse if another holds it)."""
+    lay = require_workspace(root)
+    config = cfgmod.load(lay.config)
+    for d in SUBDIRS:
+        (lay.root / d).mkdir(exist_ok=True)
+    con = connect_owner(lay, command)
+    if migrate:
+        migrations.migrate(con)
+    return Workspace(lay=lay, config=config, con=con, command=command)
+
+
+def init_workspace(root: str | os.PathLike, config: cfgmod.WorkspaceConfig | None = None,
+                   command: str = "prefloop init") -> Workspace:
+    """Create a workspace folder (idempotent for the folders; refuses to overwrite a config)."""
+    lay = layout(root)
+    if lay.config.exists():
+        raise UsageError(f"{lay.root} is already a prefloop workspace; open it with -w {root}")
+    lay.root.mkdir(parents=True, exist_ok=True)
+    for d in SUBDIRS:
+        (lay.root / d).mkdir(exist_ok=True)
+    cfgmod.save(config or cfgmod.WorkspaceConfig(), lay.config)
+    return open_workspace(lay.root, command=command)
