@@ -1,0 +1,75 @@
+"""The pairs table: chosen/rejected pairs of a round with provenance; frozen when training starts."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from storage.db import fetch_all, scalar
+
+PAIR_COLUMNS = ("round_id", "prompt_id", "chosen_id", "rejected_id", "source", "strategy", "margin",
+                "rubric_delta", "chosen_scores", "rejected_scores")
+
+
+def _js(v):
+    return None if v is None else (v if isinstance(v, str) else json.dumps(v))
+
+
+def replace_draft_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, rows: list[dict]) -> int:
+    """Replace the round's unfrozen pairs with ``rows`` in one transaction; frozen rounds are refused."""
+    if is_frozen(cur, round_id):
+        raise ValueError(f"round {round_id}'s pairs are frozen (training started); they never change")
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        cur.execute("DELETE FROM pairs WHERE round_id = ? AND frozen_at IS NULL", [round_id])
+        insert_pairs(cur, rows)
+        cur.execute("COMMIT")
+    except Exception:
+        cur.execute("ROLLBACK")
+        raise
+    return len(rows)
+
+
+def insert_pairs(cur: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+    if not rows:
+        return
+    cur.executemany(
+        f"INSERT INTO pairs ({', '.join(PAIR_COLUMNS)}) VALUES ({', '.join('?' * len(PAIR_COLUMNS))})",
+        [[r["round_id"], r["prompt_id"], r["chosen_id"], r["rejected_id"], r["source"], r["strategy"],
+          r.get("margin"), _js(r.get("rubric_delta")), _js(r.get("chosen_scores")), _js(r.get("rejected_scores"))]
+         for r in rows])
+
+
+def freeze(cur: duckdb.DuckDBPyConnection, round_id: int) -> int:
+    cur.execute("UPDATE pairs SET frozen_at = current_timestamp WHERE round_id = ? AND frozen_at IS NULL", [round_id])
+    return count(cur, round_id)
+
+
+def is_frozen(cur: duckdb.DuckDBPyConnection, round_id: int) -> bool:
+    return bool(scalar(cur, "SELECT count(*) FROM pairs WHERE round_id = ? AND frozen_at IS NOT NULL", [round_id]))
+
+
+def count(cur: duckdb.DuckDBPyConnection, round_id: int | None = None) -> int:
+    if round_id is None:
+        return scalar(cur, "SELECT count(*) FROM pairs")
+    return scalar(cur, "SELECT count(*) FROM pairs WHERE round_id = ?", [round_id])
+
+
+def counts_by_source(cur: duckdb.DuckDBPyConnection, round_id: int) -> dict[str, int]:
+    return {r["source"]: r["n"] for r in fetch_all(
+        cur, "SELECT source, count(*) AS n FROM pairs WHERE round_id = ? GROUP BY source ORDER BY source", [round_id])}
+
+
+def training_rows(cur: duckdb.DuckDBPyConnection, round_id: int, images_root: str) -> list[dict]:
+    """The round's pairs joined with their prompt, image path and both answers (for the train job)."""
+    return fetch_all(cur, """
+        SELECT p.prompt_id, p.chosen_id, p.rejected_id, p.source, p.margin,
+               ? || '/' || i.path AS image_path, pr.question, c.text AS chosen_text, r.text AS rejected_text
+        FROM pairs p
+        JOIN prompts pr ON pr.prompt_id = p.prompt_id
+        JOIN images i ON i.image_id = pr.image_id
+        JOIN candidates c ON c.candidate_id = p.chosen_id
+        JOIN candidates r ON r.candidate_id = p.rejected_id
+        WHERE p.round_id = ?
+        ORDER BY p.prompt_id, p.chosen_id, p.rejected_id""", [images_root, round_id])
