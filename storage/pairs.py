@@ -61,7 +61,7 @@ def counts_by_source(cur: duckdb.DuckDBPyConnection, round_id: int) -> dict[str,
         cur, "SELECT source, count(*) AS n FROM pairs WHERE round_id = ? GROUP BY source ORDER BY source", [round_id])}
 
 
-def training_rows(cur: duckdb.DuckDBPyConnection, round_id: int, images_root: str) -> list[dict]:
+def training_rows(cur: duckdb.DuckDBPyConnection, round_id: int, workspace_root: str) -> list[dict]:
     """The round's pairs joined with their prompt, image path and both answers (for the train job)."""
     return fetch_all(cur, """
         SELECT p.prompt_id, p.chosen_id, p.rejected_id, p.source, p.margin,
@@ -72,4 +72,4 @@ def training_rows(cur: duckdb.DuckDBPyConnection, round_id: int, images_root: st
         JOIN candidates c ON c.candidate_id = p.chosen_id
         JOIN candidates r ON r.candidate_id = p.rejected_id
         WHERE p.round_id = ?
-        ORDER BY p.prompt_id, p.chosen_id, p.rejected_id""", [images_root, round_id])
+        ORDER BY p.prompt_id, p.chosen_id, p.rejected_id""", [workspace_root, round_id])
