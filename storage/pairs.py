@@ -73,3 +73,34 @@ def training_rows(cur: duckdb.DuckDBPyConnection, round_id: int, workspace_root:
         JOIN candidates r ON r.candidate_id = p.rejected_id
         WHERE p.round_id = ?
         ORDER BY p.prompt_id, p.chosen_id, p.rejected_id""", [workspace_root, round_id])
+
+
+def pairing_candidates(cur: duckdb.DuckDBPyConnection, round_id: int, prompt_split: str = "train") -> list[dict]:
+    """Candidates of a round's prompts (policy, augmented and imported) with their view and sample index."""
+    return fetch_all(cur, """
+        SELECT c.candidate_id, c.prompt_id, c.text, c.origin, c.view, c.sample_index
+        FROM candidates c JOIN prompts p ON p.prompt_id = c.prompt_id
+        WHERE c.round_id = ? AND c.origin <> 'eval' AND p.split = ?
+        ORDER BY c.prompt_id, c.view, c.sample_index, c.candidate_id""", [round_id, prompt_split])
+
+
+def pairing_judgments(cur: duckdb.DuckDBPyConnection, round_id: int) -> list[dict]:
+    """The newest `ok` judgment per (candidate, judge) for the round's candidates."""
+    return fetch_all(cur, """
+        SELECT candidate_id, judge, helpfulness, correctness, coherence, complexity, verbosity, score, overall
+        FROM (
+            SELECT j.*, row_number() OVER (PARTITION BY j.candidate_id, j.judge ORDER BY j.created_at DESC) AS rn
+            FROM judgments j JOIN candidates c ON c.candidate_id = j.candidate_id
+            WHERE c.round_id = ? AND j.status = 'ok')
+        WHERE rn = 1""", [round_id])
+
+
+def pairing_labels(cur: duckdb.DuckDBPyConnection, round_id: int) -> list[dict]:
+    """The latest label per (prompt, annotator) of a round; an annotator whose latest row is an undo has none."""
+    return fetch_all(cur, """
+        SELECT prompt_id, annotator, source, chosen_id, rejected_id, ranking, all_bad, skipped_reason
+        FROM (
+            SELECT l.*, row_number() OVER (PARTITION BY l.prompt_id, l.annotator ORDER BY l.label_id DESC) AS rn
+            FROM labels l WHERE l.round_id = ?)
+        WHERE rn = 1 AND kind = 'label'
+        ORDER BY prompt_id, annotator""", [round_id])

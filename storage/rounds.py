@@ -114,3 +114,21 @@ def table_counts(cur) -> dict[str, int]:
     tables = ["images", "prompts", "candidates", "judgments", "labels", "pairs", "checkpoints", "rounds",
               "train_metrics", "evals", "users"]
     return {t: cur.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+
+
+def complete_training(cur, *, round_id: int, checkpoint: dict[str, Any], metrics: list[dict],
+                      open_next: bool = True) -> None:
+    """Ingest a finished training in one transaction: metrics, the new checkpoint, the round's status,
+    and (``open_next``) the next round on the new checkpoint."""
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        cur.execute("DELETE FROM train_metrics WHERE round_id = ?", [round_id])
+        add_train_metrics(cur, round_id, metrics)
+        add_checkpoint(cur, **checkpoint)
+        set_round(cur, round_id, status="trained", step="train")
+        if open_next and get_round(cur, round_id + 1) is None:
+            open_round(cur, round_id + 1, checkpoint["checkpoint_id"])
+        cur.execute("COMMIT")
+    except Exception:
+        cur.execute("ROLLBACK")
+        raise
