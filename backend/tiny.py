@@ -99,6 +99,12 @@ def build_model(tokenizer, seed: int = 0):
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # A random model otherwise often emits only special or whitespace tokens (empty answers once
+    # decoded, which would make every greedy SeVa view answer equal).
+    suppress = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != tokenizer.eos_token]
+    suppress += [i for i in range(len(tokenizer)) if i not in suppress and i != tokenizer.eos_token_id
+                 and not tokenizer.decode([i]).strip()]
+    model.generation_config.suppress_tokens = suppress
     return model
 
 

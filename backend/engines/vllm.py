@@ -1,0 +1,121 @@
+"""The ``vllm`` engine (GPU extra): ``SamplingParams(n=k, ...)`` per request, LoRA via ``LoRARequest``.
+
+vllm is imported only when the engine is built, never at module import. Everything the engine sends
+to vllm is built by the pure functions below, so tests check it without vllm installed.
+Status: not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from backend.engines.base import EngineSpec, GenOutput, GenRequest, SamplingSpec, build_messages, request_seed
+from storage.errors import ModelNotAvailable
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "the vllm engine needs the `gpu` extra: pip install 'prefloop[gpu]' on a machine with CUDA "
+    "(vllm needs a CUDA build of torch); or set policy.engine = \"hf\" in prefloop.toml"
+)
+LORA_ID = 1
+
+
+def build_sampling_params_kwargs(params: SamplingSpec, seed: int) -> dict:
+    """Keyword arguments for ``vllm.SamplingParams`` of one request."""
+    kwargs = {"n": params.n, "temperature": params.temperature, "max_tokens": params.max_new_tokens,
+              "seed": seed}
+    if params.do_sample:
+        kwargs["top_p"] = params.top_p
+    if params.min_new_tokens:
+        kwargs["min_tokens"] = params.min_new_tokens
+    return kwargs
+
+
+def build_vllm_requests(requests: list[GenRequest], apply_chat_template) -> list[dict]:
+    """vllm prompt dicts: ``{"prompt": chat text, "multi_modal_data": {"image": PIL}}`` per request.
+
+    ``apply_chat_template(messages, add_generation_prompt=True) -> str`` is the processor's (or
+    tokenizer's) chat template, so the image placeholder is the one the model expects.
+    """
+    prompts = []
+    for r in requests:
+        prompt = {"prompt": apply_chat_template(build_messages(r), add_generation_prompt=True)}
+        if r.image is not None:
+            prompt["multi_modal_data"] = {"image": r.image}
+        prompts.append(prompt)
+    return prompts
+
+
+def build_lora_request_args(adapter_path: str | None) -> tuple[str, int, str] | None:
+    """``LoRARequest(name, id, path)`` arguments for an adapter checkpoint, or None for full weights."""
+    if not adapter_path:
+        return None
+    path = Path(adapter_path).resolve()
+    return (path.name or "adapter", LORA_ID, str(path))
+
+
+def build_llm_kwargs(spec: EngineSpec) -> dict:
+    """Keyword arguments for ``vllm.LLM``."""
+    kwargs = {"model": spec.model_path, "tensor_parallel_size": spec.tensor_parallel_size,
+              "dtype": spec.dtype, "enable_lora": bool(spec.adapter_path), "limit_mm_per_prompt": {"image": 1}}
+    if spec.adapter_path:
+        kwargs["max_lora_rank"] = _adapter_rank(spec.adapter_path)
+    kwargs.update(spec.extra)
+    return kwargs
+
+
+def parse_request_outputs(request_outputs) -> list[list[GenOutput]]:
+    """vllm ``RequestOutput``s -> our outputs (text stripped, token count, finish reason)."""
+    return [[GenOutput(text=c.text.strip(), num_tokens=len(c.token_ids), finish_reason=str(c.finish_reason))
+             for c in ro.outputs] for ro in request_outputs]
+
+
+def _adapter_rank(adapter_path: str) -> int:
+    cfg = Path(adapter_path) / "adapter_config.json"
+    try:
+        r = int(json.loads(cfg.read_text()).get("r", 16))
+    except (OSError, ValueError) as err:
+        raise ModelNotAvailable(f"{adapter_path} is not a LoRA adapter folder (cannot read {cfg.name}: {err})") from None
+    return max(16, 1 << (r - 1).bit_length())  # vllm accepts powers of two >= 8; 16 is its default
+
+
+def require_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        raise ModelNotAvailable(INSTALL_HINT)
+    import vllm
+
+    return vllm
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, spec: EngineSpec):
+        vllm = require_vllm()
+        from backend.models import load_processor
+
+        self.spec = spec
+        self._vllm = vllm
+        self.processor = load_processor(spec.model_path)
+        self.llm = vllm.LLM(**build_llm_kwargs(spec))
+        args = build_lora_request_args(spec.adapter_path)
+        if args:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(*args)
+        else:
+            self.lora = None
+
+    def generate(self, requests: list[GenRequest], params: SamplingSpec) -> list[list[GenOutput]]:
+        prompts = build_vllm_requests(requests, self.processor.apply_chat_template)
+        sampling = [self._vllm.SamplingParams(**build_sampling_params_kwargs(params, request_seed(r, params, i)))
+                    for i, r in enumerate(requests)]
+        outs = self.llm.generate(prompts, sampling_params=sampling, lora_request=self.lora, use_tqdm=False)
+        return parse_request_outputs(outs)
+
+    def close(self) -> None:
+        self.llm = None

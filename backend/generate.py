@@ -1,0 +1,230 @@
+"""The generate job: k candidate answers per prompt from the policy, plus SeVa augmented-view answers.
+
+    python -m backend.generate RUN_DIR
+
+Reads ``RUN_DIR/config.json`` (see :class:`GenerateJobConfig`) and ``RUN_DIR/prompts.parquet``
+(prompt_id, image_path, question). The ``original`` view gets k samples per prompt with the
+configured sampling; each ``aug:*`` view gets ONE greedy answer on the image augmented with a seed
+derived from (seed, prompt_id, view), as SeVa does. Speaks JSON lines on stdout (backend.progress)
+and writes ``RUN_DIR/candidates.parquet`` atomically at the end. Never opens the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from annotators.seva import View, apply_view, parse_view
+from backend import progress as job
+from backend.engines import EngineSpec, GenRequest, SamplingSpec, derive_seed, make_engine
+from storage.config import format_validation_error
+from storage.errors import ConfigError, PrefloopError, UsageError
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+PROMPTS = "prompts.parquet"
+OUTPUT = "candidates.parquet"
+PROMPT_COLUMNS = ("prompt_id", "image_path", "question")
+
+SCHEMA = pa.schema([
+    ("candidate_id", pa.string()), ("prompt_id", pa.string()), ("round_id", pa.int64()),
+    ("checkpoint_id", pa.string()), ("text", pa.string()), ("origin", pa.string()), ("view", pa.string()),
+    ("augmentation", pa.string()), ("sampling", pa.string()), ("model", pa.string()), ("engine", pa.string()),
+    ("seed", pa.int64()), ("sample_index", pa.int32()), ("num_tokens", pa.int32()),
+    ("finish_reason", pa.string()),
+])
+
+
+class GenerateJobConfig(BaseModel):
+    """``RUN_DIR/config.json`` of a generate job, written by the owner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    model_path: str
+    """Folder (or cached hub id) of the policy checkpoint (the base model when adapter_path is set)."""
+    engine: str = "hf"
+    """Generation engine: a key of backend.engines.ENGINES (hf, vllm)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16."""
+    device: str = "cpu"
+    """Torch device for the hf engine."""
+    k: int = Field(5, ge=1)
+    """Samples per prompt on the original view."""
+    temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature of the original view (0: greedy, one answer)."""
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Cap on each answer's tokens."""
+    seed: int = 0
+    """Base seed; per-prompt seeds derive from (seed, prompt_id, view)."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate() call."""
+    views: list[str] = ["original"]
+    """View specs: `original`, `aug:flip`, `aug:diffusion:500`, ..."""
+    round_id: int
+    """Round the candidates belong to."""
+    checkpoint_id: str
+    """Policy checkpoint id recorded with each candidate."""
+    model_name: str = ""
+    """Model name recorded with each candidate (defaults to model_path)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vllm: GPUs per job."""
+    adapter_path: str | None = None
+    """LoRA adapter folder on top of model_path (vllm LoRARequest / peft for hf)."""
+
+
+def candidate_id(round_id: int, checkpoint_id: str, prompt_id: str, view: str, sample_index: int) -> str:
+    key = f"{round_id}|{checkpoint_id}|{prompt_id}|{view}|{sample_index}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
+def load_config(run_dir: Path) -> GenerateJobConfig:
+    path = run_dir / CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} has no {CONFIG}; the owner writes it before starting the job") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    try:
+        return GenerateJobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path))) from None
+
+
+def load_prompts(run_dir: Path) -> list[dict]:
+    path = run_dir / PROMPTS
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no {PROMPTS}; the owner writes it before starting the job")
+    table = pq.read_table(path)
+    missing = [c for c in PROMPT_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(PROMPT_COLUMNS)})")
+    return table.select(list(PROMPT_COLUMNS)).to_pylist()
+
+
+def check_images(rows: list[dict]) -> None:
+    """Fail before loading the model when an image is missing."""
+    missing = [r for r in rows if not Path(r["image_path"]).is_file()]
+    if missing:
+        first = missing[0]
+        raise UsageError(f"{len(missing)} prompt image(s) not found, e.g. prompt {first['prompt_id']}: "
+                         f"{first['image_path']} (image_path must be an absolute path to a readable file)")
+
+
+def load_image(row: dict):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(row["image_path"]) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise UsageError(f"prompt {row['prompt_id']}: cannot read image {row['image_path']}: {err}") from None
+
+
+def view_requests(rows: list[dict], view: View, base_seed: int):
+    """The engine requests of one view, and each one's augmentation record."""
+    requests, records = [], []
+    for row in rows:
+        image = load_image(row)
+        seed = derive_seed(base_seed, row["prompt_id"], view.spec)
+        shown, record = apply_view(view, image, seed)
+        requests.append(GenRequest(question=row["question"], image=shown, seed=seed, request_id=row["prompt_id"]))
+        records.append(record)
+    return requests, records
+
+
+def to_parquet_bytes(rows: list[dict]) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink)
+    return sink.getvalue()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        raise UsageError("usage: python -m backend.generate RUN_DIR")
+    # ---- setup
+    run_dir = Path(argv[0])
+    cfg = load_config(run_dir)
+    views = [parse_view(v) for v in cfg.views]
+    rows = load_prompts(run_dir)
+    check_images(rows)
+    policy = SamplingSpec(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    greedy = SamplingSpec(k=1, temperature=0.0, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if cfg.temperature == 0 and cfg.k > 1:
+        job.log(f"temperature 0 is greedy: one candidate per prompt instead of k={cfg.k}")
+    t0 = time.perf_counter()
+    engine = make_engine(cfg.engine, EngineSpec(
+        model_path=cfg.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
+        tensor_parallel_size=cfg.tensor_parallel_size, adapter_path=cfg.adapter_path))
+    job.log(f"loaded {cfg.model_name or cfg.model_path} ({cfg.engine} engine) in {time.perf_counter() - t0:.1f} s")
+
+    # ---- run
+    out_rows: list[dict] = []
+    total, done, tokens, gen_seconds = len(rows) * len(views), 0, 0, 0.0
+    job.progress(0, total, unit="prompts")
+    for view in views:
+        params = policy if view.is_original else greedy
+        origin = "policy" if view.is_original else "seva_augmented"
+        sampling = json.dumps(params.record())
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = rows[start:start + cfg.batch_size]
+            requests, records = view_requests(batch, view, cfg.seed)
+            t = time.perf_counter()
+            outputs = engine.generate(requests, params)
+            seconds = time.perf_counter() - t
+            n_tokens = sum(o.num_tokens for outs in outputs for o in outs)
+            tokens, gen_seconds = tokens + n_tokens, gen_seconds + seconds
+            for row, req, record, outs in zip(batch, requests, records, outputs):
+                for i, o in enumerate(outs):
+                    out_rows.append({
+                        "candidate_id": candidate_id(cfg.round_id, cfg.checkpoint_id, row["prompt_id"], view.spec, i),
+                        "prompt_id": row["prompt_id"], "round_id": cfg.round_id,
+                        "checkpoint_id": cfg.checkpoint_id, "text": o.text, "origin": origin, "view": view.spec,
+                        "augmentation": json.dumps(record) if record else None, "sampling": sampling,
+                        "model": cfg.model_name or cfg.model_path, "engine": cfg.engine, "seed": req.seed,
+                        "sample_index": i, "num_tokens": o.num_tokens, "finish_reason": o.finish_reason,
+                    })
+            done += len(batch)
+            job.progress(done, total, unit="prompts")
+            job.log(f"{view.spec}: {len(batch)} prompts, {n_tokens} tokens in {seconds:.2f} s "
+                    f"({n_tokens / max(seconds, 1e-9):.0f} tokens/s)")
+
+    # ---- save
+    job.write_atomic(run_dir / OUTPUT, to_parquet_bytes(out_rows))
+    summary = {"candidates": len(out_rows), "prompts": len(rows), "views": [v.spec for v in views],
+               "tokens": tokens, "seconds": round(gen_seconds, 3),
+               "tokens_per_s": round(tokens / gen_seconds, 1) if gen_seconds else 0.0,
+               "output": str(run_dir / OUTPUT)}
+    job.log(f"wrote {len(out_rows)} candidates to {run_dir / OUTPUT}")
+
+    # ---- cleanup
+    engine.close()
+    job.emit("done", summary=summary)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except PrefloopError as err:
+        job.emit("error", message=str(err))
+        sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - the owner must get one line it can show
+        traceback.print_exc(file=sys.stderr)
+        job.emit("error", message=f"generation failed: {type(err).__name__}: {err} (traceback on stderr)")
+        sys.exit(1)
