@@ -1,0 +1,71 @@
+"""The train step (owner side): freeze the round's pairs, write the run folder, run the DPO job
+(one process or the deepspeed launcher), and ingest metrics + the new checkpoint in one transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from backend import launch
+from backend.jobs import EventHandler, Job, write_config
+from backend.models import default_device
+from backend.steps.common import checkpoint_path, step_dir, tracked_step
+from storage import config as cfgmod
+from storage import pairs as pairstore
+from storage import rounds
+from storage.errors import UsageError
+from storage.workspace import Workspace
+
+
+def pairs_hash(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["prompt_id"], r["chosen_id"], r["rejected_id"], r["chosen_text"],
+                             r["rejected_text"]]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_event: EventHandler | None = None,
+              open_next: bool = True) -> dict:
+    """Train the current round: c(r-1) + frozen pairs -> c(r). Returns a summary."""
+    cur = ws.cursor()
+    rnd = rounds.current_round(cur)
+    round_id, parent_id = rnd["round_id"], rnd["policy_checkpoint_id"]
+    if pairstore.count(cur, round_id) == 0:
+        raise UsageError(f"round {round_id} has no pairs to train on: run `prefloop pairs` first "
+                         "(after `prefloop generate`, or import candidates with preferences)")
+    train = cfgmod.update(ws.config, {f"train.{k}": v for k, v in (overrides or {}).items() if v is not None}).train
+    pairstore.freeze(cur, round_id)
+    rows = pairstore.training_rows(cur, round_id, str(ws.root))
+    run_dir = step_dir(ws, round_id, "train", fresh=True)
+    pq.write_table(pa.Table.from_pylist(rows), run_dir / "pairs.parquet")
+    checkpoint_id = f"c{round_id}"
+    out_dir = ws.lay.checkpoints / f"r{round_id:03d}"
+    if out_dir.exists():  # a failed or killed attempt; never registered in the database
+        shutil.rmtree(out_dir)
+    ref_id = parent_id if train.reference == "previous" else rounds.BASE_CHECKPOINT
+    base = rounds.get_checkpoint(cur, rounds.BASE_CHECKPOINT)
+    config = {
+        **train.model_dump(), "model_path": str(checkpoint_path(ws, parent_id)),
+        "ref_model_path": str(checkpoint_path(ws, ref_id)), "output_dir": str(out_dir), "round_id": round_id,
+        "checkpoint_id": checkpoint_id, "parent_id": parent_id, "base_model": base["base_model"],
+        "pairs_hash": pairs_hash(rows), "device": default_device(), "dtype": ws.config.policy.dtype,
+    }
+    write_config(run_dir, config)
+    argv = launch.train_command(run_dir, train)
+    with tracked_step(ws, round_id, "train", run_dir):
+        result = Job(argv, run_dir, on_event=on_event).wait()
+        meta = json.loads((out_dir / "meta.json").read_text())
+        rounds.complete_training(cur, round_id=round_id, metrics=result.metrics, open_next=open_next, checkpoint={
+            "checkpoint_id": checkpoint_id, "round_id": round_id, "parent_id": parent_id,
+            "base_model": base["base_model"], "path": str(out_dir.relative_to(ws.root)),
+            "kind": meta.get("kind", "merged"), "meta": meta})
+        summary = {"round_id": round_id, "checkpoint_id": checkpoint_id, "parent_id": parent_id, "pairs": len(rows),
+                   "seconds": round(result.seconds, 1), "steps": len(result.metrics), **result.summary}
+        rounds.finish_step(cur, round_id, "train", "done", summary=summary)
+    return summary
