@@ -26,6 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("app.commands.generate", "sample k candidate answers per prompt from the policy checkpoint"),
     "pairs": ("app.commands.pairs", "build the round's chosen/rejected pairs with a pair strategy"),
     "train": ("app.commands.train", "train one DPO round on the frozen pairs (LoRA or full)"),
+    "serve": ("app.commands.serve", "run the review studio (Gradio app with login) as the workspace's owner"),
+    "users": ("app.commands.users", "manage studio users: users add|list|passwd|remove"),
+    "round": ("app.commands.round", "run the loop: round start|resume|status|cancel (pairs, train, eval, generate, judge)"),
+    "judge": ("app.commands.judge", "score the round's candidates with a judge (gemini, critic, reference)"),
+    "agreement": ("app.commands.agreement", "how far judges agree with each other and with human labels"),
 }
 
 NO_WORKSPACE_FLAG = {"init"}
@@ -44,7 +49,9 @@ def build_parser(load_commands: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (modname, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        # Without the command's own arguments (load_commands=False) the pre-parser must not answer -h:
+        # main() hands -h on to the full parser of that one command.
+        p = sub.add_parser(name, help=help_, description=help_, add_help=load_commands)
         if name not in NO_WORKSPACE_FLAG:
             _add_workspace(p)
         if load_commands:

@@ -1,0 +1,185 @@
+"""The critic job: the critic VLM answers pre-rendered critic prompts, greedily, and the raw replies are saved.
+
+    python -m backend.critic_job RUN_DIR
+
+Reads ``RUN_DIR/config.json`` (see :class:`CriticJobConfig`) and ``RUN_DIR/requests.parquet``
+(request_id, image_path, text; written by ``annotators.critic``). Runs the critic through the same
+engine interface as the policy (``hf`` here, ``vllm`` on GPUs), greedy, ``max_new_tokens`` from the
+config. Writes ``RUN_DIR/replies.parquet`` (request_id, text, num_tokens, latency_ms, finish_reason)
+atomically at the end. Parsing and ingesting are the owner's job. Never opens the database.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backend import progress as job
+from backend.engines import EngineSpec, GenRequest, SamplingSpec, make_engine
+from storage.config import format_validation_error
+from storage.errors import ConfigError, PrefloopError, UsageError
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+REQUESTS = "requests.parquet"
+OUTPUT = "replies.parquet"
+REQUEST_COLUMNS = ("request_id", "image_path", "text")
+SCHEMA = pa.schema([("request_id", pa.string()), ("text", pa.string()), ("num_tokens", pa.int32()),
+                    ("latency_ms", pa.float64()), ("finish_reason", pa.string())])
+
+
+class CriticJobConfig(BaseModel):
+    """``RUN_DIR/config.json`` of a critic job, written by the owner."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    model_path: str
+    """Folder (or cached hub id) of the critic VLM."""
+    model_name: str = ""
+    """The critic's name in prefloop.toml (for logs)."""
+    engine: str = "hf"
+    """Generation engine: a key of backend.engines.ENGINES (hf, vllm)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16."""
+    device: str = "cpu"
+    """Torch device for the hf engine."""
+    batch_size: int = Field(8, ge=1)
+    """Requests per generate() call."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Cap on each reply's tokens."""
+    mode: str = "pointwise"
+    """Critic mode the prompts were rendered for (for logs)."""
+    judge_version: str = ""
+    """Judge version of the prompts (for logs)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vllm: GPUs per job."""
+
+
+def load_config(run_dir: Path) -> CriticJobConfig:
+    path = run_dir / CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{run_dir} has no {CONFIG}; the owner writes it before starting the job") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    try:
+        return CriticJobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path))) from None
+
+
+def load_requests(run_dir: Path) -> list[dict]:
+    path = run_dir / REQUESTS
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no {REQUESTS}; the owner writes it before starting the job")
+    table = pq.read_table(path)
+    missing = [c for c in REQUEST_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(REQUEST_COLUMNS)})")
+    rows = table.select(list(REQUEST_COLUMNS)).to_pylist()
+    absent = sorted({r["image_path"] for r in rows if not Path(r["image_path"]).is_file()})
+    if absent:
+        raise UsageError(f"{len(absent)} image(s) not found, e.g. {absent[0]} "
+                         "(image_path must be an absolute path to a readable file)")
+    return rows
+
+
+def read_replies(run_dir: Path) -> list[dict]:
+    """The job's replies (owner side), or a UsageError when the job left none."""
+    path = Path(run_dir) / OUTPUT
+    if not path.is_file():
+        raise UsageError(f"the critic job left no {path}; see {Path(run_dir) / 'job.log'}")
+    return pq.read_table(path).to_pylist()
+
+
+class _Images:
+    """Open each image once per batch run (pairwise asks K(K-1) questions about one image)."""
+
+    def __init__(self):
+        self.path: str | None = None
+        self.image = None
+
+    def get(self, path: str):
+        from PIL import Image
+
+        if path != self.path:
+            try:
+                with Image.open(path) as im:
+                    self.image = im.convert("RGB")
+            except OSError as err:
+                raise UsageError(f"cannot read image {path}: {err}") from None
+            self.path = path
+        return self.image
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        raise UsageError("usage: python -m backend.critic_job RUN_DIR")
+    # ---- setup
+    run_dir = Path(argv[0])
+    cfg = load_config(run_dir)
+    rows = load_requests(run_dir)
+    params = SamplingSpec(k=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    t0 = time.perf_counter()
+    engine = make_engine(cfg.engine, EngineSpec(model_path=cfg.model_path, dtype=cfg.dtype, device=cfg.device,
+                                                batch_size=cfg.batch_size,
+                                                tensor_parallel_size=cfg.tensor_parallel_size))
+    job.log(f"loaded critic {cfg.model_name or cfg.model_path} ({cfg.engine} engine) in "
+            f"{time.perf_counter() - t0:.1f} s; {len(rows)} {cfg.mode} requests")
+
+    # ---- run
+    images = _Images()
+    out: list[dict] = []
+    tokens, seconds = 0, 0.0
+    job.progress(0, len(rows), unit="requests")
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start:start + cfg.batch_size]
+        requests = [GenRequest(question=r["text"], image=images.get(r["image_path"]), request_id=r["request_id"])
+                    for r in batch]
+        t = time.perf_counter()
+        outputs = engine.generate(requests, params)
+        took = time.perf_counter() - t
+        n_tokens = sum(o[0].num_tokens for o in outputs)
+        tokens, seconds = tokens + n_tokens, seconds + took
+        for r, outs in zip(batch, outputs):
+            o = outs[0]
+            out.append({"request_id": r["request_id"], "text": o.text, "num_tokens": o.num_tokens,
+                        "latency_ms": took * 1000.0 / len(batch), "finish_reason": o.finish_reason})
+        job.progress(len(out), len(rows), unit="requests")
+
+    # ---- save
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(out, schema=SCHEMA), sink)
+    job.write_atomic(run_dir / OUTPUT, sink.getvalue())
+    summary = {"requests": len(out), "tokens": tokens, "seconds": round(seconds, 3),
+               "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "output": str(run_dir / OUTPUT)}
+    job.log(f"wrote {len(out)} critic replies to {run_dir / OUTPUT}")
+
+    # ---- cleanup
+    engine.close()
+    job.emit("done", summary=summary)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except PrefloopError as err:
+        job.emit("error", message=str(err))
+        sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - the owner must get one line it can show
+        traceback.print_exc(file=sys.stderr)
+        job.emit("error", message=f"critic job failed: {type(err).__name__}: {err} (traceback on stderr)")
+        sys.exit(1)

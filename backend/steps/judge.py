@@ -1,0 +1,159 @@
+"""The judge step (owner side): find unjudged candidates, run a judge, ingest its verdicts in one transaction.
+
+``run_judge(ws, "reference")`` builds one JudgeItem per prompt of the round whose candidates have no
+judgment yet from that judge and version, runs the judge, and writes every verdict (judgments and
+pairwise verdicts) in ONE transaction. In-process judges (gemini, reference) run in the owner; a judge
+that runs a job subprocess (the critic) gets the step's run folder through ``bind(run_dir, on_event)``.
+A second run with nothing new judges nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from annotators.base import METRICS, CandidateScore, CandidateText, JudgeItem, Verdict
+from annotators.registry import make_judge
+from backend.jobs import EventHandler
+from backend.progress import write_atomic
+from backend.steps.common import step_dir, tracked_step
+from storage import config as cfgmod
+from storage import judgments as jstore
+from storage import rounds
+from storage.errors import UsageError
+from storage.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256
+"""In-process judges without their own progress hook get items in chunks of this size."""
+
+
+@runtime_checkable
+class JobJudge(Protocol):
+    """A judge that runs a job subprocess and wants the step's run folder and event handler."""
+
+    def bind(self, run_dir: Path, on_event: EventHandler | None = None) -> None: ...
+
+
+def verdict_rows(items: Sequence[JudgeItem], verdicts: Sequence[Verdict], judge: str,
+                 judge_version: str) -> tuple[list[dict], list[dict]]:
+    """Judgment rows (one per CandidateScore) and pairwise rows for ``storage.judgments.write_judgments``.
+
+    A verdict's latency and tokens are shared evenly among its candidates' rows (one call may have
+    rated them all); its raw output is kept on every row, the per-candidate reasoning on each (else
+    the verdict's reasoning, else its error). A failed verdict without scores still gets one row per
+    candidate, with the verdict's status, so it is not judged again unless asked. An ``ok`` verdict
+    without scores (the reference judge on a prompt without a reference) stores nothing.
+    """
+    jrows, prows = [], []
+    for item, v in zip(items, verdicts):
+        scores = v.scores
+        if not scores and v.status != "ok":
+            scores = [CandidateScore(c.candidate_id, status=v.status) for c in item.candidates]
+        n = max(len(scores), 1)
+        for s in scores:
+            jrows.append({
+                "judgment_id": jstore.judgment_id(s.candidate_id, judge, judge_version),
+                "candidate_id": s.candidate_id, "judge": judge, "judge_version": judge_version,
+                **{m: getattr(s, m) for m in METRICS}, "score": s.score, "overall": s.overall,
+                "reasoning": s.reasoning or v.reasoning or (v.error if s.status != "ok" else None),
+                "raw_output": v.raw_output, "status": s.status,
+                "latency_ms": None if v.latency_ms is None else v.latency_ms / n,
+                "tokens_in": None if v.tokens_in is None else round(v.tokens_in / n),
+                "tokens_out": None if v.tokens_out is None else round(v.tokens_out / n),
+            })
+        for p in v.pairwise:
+            prows.append({"judge": judge, "judge_version": judge_version, "first_id": p.first_id,
+                          "second_id": p.second_id, "winner": p.winner, "status": p.status,
+                          "raw_output": p.raw_output})
+    return jrows, prows
+
+
+def _items(rows: list[dict]) -> list[JudgeItem]:
+    return [JudgeItem(prompt_id=r["prompt_id"], question=r["question"], image_path=r["image_path"],
+                      image_id=r["image_id"], reference=r["reference"],
+                      candidates=tuple(CandidateText(c["candidate_id"], c["text"]) for c in r["candidates"]))
+            for r in rows]
+
+
+def _run(judge, items: list[JudgeItem], on_event: EventHandler) -> list[Verdict]:
+    """Run a judge on items, reporting progress; check the contract (same length and order)."""
+    total = len(items)
+    if isinstance(judge, JobJudge):  # the job reports its own progress (critic requests)
+        verdicts = list(judge.judge(items))
+    elif hasattr(judge, "on_progress"):  # e.g. gemini: progress per finished prompt
+        on_event({"event": "progress", "done": 0, "total": total, "unit": "prompts"})
+        judge.on_progress = lambda done, n: on_event({"event": "progress", "done": done, "total": n,
+                                                      "unit": "prompts"})
+        verdicts = list(judge.judge(items))
+    else:
+        on_event({"event": "progress", "done": 0, "total": total, "unit": "prompts"})
+        verdicts = []
+        for start in range(0, total, CHUNK):
+            verdicts.extend(judge.judge(items[start:start + CHUNK]))
+            on_event({"event": "progress", "done": len(verdicts), "total": total, "unit": "prompts"})
+    if len(verdicts) != total or any(v.prompt_id != i.prompt_id for v, i in zip(verdicts, items)):
+        raise UsageError(f"judge {judge.name} broke the judge contract: {len(verdicts)} verdicts for {total} "
+                         "items, or not in the same order; nothing was stored")
+    return verdicts
+
+
+def run_judge(ws: Workspace, judge_name: str, *, round_id: int | None = None, limit: int | None = None,
+              retry_invalid: bool = False, mode: str | None = None,
+              on_event: EventHandler | None = None) -> dict:
+    """Judge the round's candidates not yet judged by ``judge_name`` at its current version; a summary.
+
+    ``mode`` picks the critic's mode (rubric, pointwise, pairwise) instead of ``judges.critic.mode``.
+    ``limit`` caps the number of prompts. ``retry_invalid`` judges invalid/error rows again.
+    """
+    on_event = on_event or (lambda e: None)
+    cur = ws.cursor()
+    if round_id is None:
+        round_id = rounds.current_round(cur)["round_id"]
+    elif rounds.get_round(cur, round_id) is None:
+        raise UsageError(f"round {round_id} does not exist in {ws.root}")
+    config = ws.config
+    if mode is not None:
+        if judge_name != "critic":
+            raise UsageError(f"--mode applies to the critic judge only, not {judge_name!r}")
+        config = cfgmod.update(config, {"judges.critic.mode": mode})
+    judge = make_judge(judge_name, config, ws.root)
+    version = judge.version
+    rows = jstore.candidates_to_judge(cur, round_id, judge_name, version, str(ws.root), retry_invalid=retry_invalid,
+                                      whole_prompt=not getattr(judge, "per_candidate", False), limit=limit)
+    summary = {"round_id": round_id, "judge": judge_name, "judge_version": version, "prompts": 0,
+               "candidates": 0, "ok": 0, "invalid": 0, "error": 0, "skipped_no_reference": 0,
+               "pairwise_verdicts": 0}
+    if getattr(judge, "requires_reference", False):
+        with_ref = [r for r in rows if r["reference"] is not None and r["reference"].strip()]
+        summary["skipped_no_reference"] = len(rows) - len(with_ref)
+        rows = with_ref
+    if not rows:
+        summary["message"] = (f"nothing to judge: every candidate of round {round_id} already has a "
+                              f"{judge_name} ({version}) judgment"
+                              + (f"; {summary['skipped_no_reference']} prompt(s) have no reference answer"
+                                 if summary["skipped_no_reference"] else ""))
+        return summary
+    step = f"judge-{judge_name}" + (f"-{judge.mode}" if hasattr(judge, "mode") else "")
+    run_dir = step_dir(ws, round_id, step)
+    items = _items(rows)
+    if isinstance(judge, JobJudge):
+        judge.bind(run_dir, on_event)
+    started = time.perf_counter()
+    with tracked_step(ws, round_id, step, run_dir):
+        verdicts = _run(judge, items, on_event)
+        jrows, prows = verdict_rows(items, verdicts, judge_name, version)
+        jstore.write_judgments(cur, jrows, prows)
+        for r in jrows:
+            summary[r["status"]] += 1
+        summary.update(prompts=len(items), candidates=len(jrows), pairwise_verdicts=len(prows),
+                       seconds=round(time.perf_counter() - started, 2))
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        rounds.finish_step(cur, round_id, step, "done", summary=summary)
+    log.info("judge %s %s: %s", judge_name, version, summary)
+    return summary
