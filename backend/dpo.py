@@ -1,0 +1,261 @@
+"""Everything prefloop asks of TRL (pinned exactly): loss registry, DPOConfig, dataset, trainer, metrics.
+
+``backend.train`` reads top to bottom and calls these; no other module imports ``trl``. Our loss names map
+to TRL's ``loss_type`` list through the ``LOSSES`` registry; precisions map to Trainer flags through
+``PRECISIONS``. Completions are capped here, before TRL sees them, because TRL 1.16 has no
+``max_completion_length`` and truncates whole sequences from the end (which would cut the answer, or
+for a long prompt the image tokens): a pair that does not fit ``max_length`` is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.progress import emit, progress
+from storage.config import TrainConfig
+from storage.errors import JobFailed
+from storage.trl_format import trl_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LossType:
+    trl_name: str
+    """The entry of TRL's ``DPOConfig.loss_type`` list."""
+    help: str
+
+
+LOSSES: dict[str, LossType] = {
+    "sigmoid": LossType("sigmoid", "DPO: -log sigmoid(beta * margin)"),
+    "ipo": LossType("ipo", "IPO: squared distance of the length-normalised margin from 1/(2 beta)"),
+    "hinge": LossType("hinge", "SLiC hinge: relu(1 - beta * margin)"),
+    "robust": LossType("robust", "robust DPO: unbiased under `label_smoothing` flipped labels"),
+    "sft": LossType("sft", "NLL of the chosen answer; add beside a DPO loss with `loss_weights`"),
+}
+
+PRECISIONS: dict[str, dict[str, bool]] = {
+    "float32": {"bf16": False, "fp16": False},
+    "bfloat16": {"bf16": True, "fp16": False},
+    "float16": {"bf16": False, "fp16": True},
+}
+
+# Final module-name component of the multimodal projector, per architecture family.
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "merger", "connector")
+
+
+def loss_args(train: TrainConfig) -> dict[str, Any]:
+    """DPOConfig keyword arguments for the configured loss types, weights and label smoothing."""
+    unknown = [name for name in train.loss if name not in LOSSES]
+    if unknown:
+        raise JobFailed(f"train.loss: unknown loss type {unknown[0]!r}; choose from {', '.join(LOSSES)}")
+    if not train.loss:
+        raise JobFailed(f"train.loss: empty; choose one or more of {', '.join(LOSSES)}")
+    if train.loss_weights is not None and len(train.loss_weights) != len(train.loss):
+        raise JobFailed(f"train.loss_weights has {len(train.loss_weights)} entries but train.loss has "
+                        f"{len(train.loss)}; give one weight per loss type")
+    return {"loss_type": [LOSSES[name].trl_name for name in train.loss],
+            "loss_weights": list(train.loss_weights) if train.loss_weights is not None else None,
+            "label_smoothing": train.label_smoothing}
+
+
+def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str, max_steps: int = -1,
+               deepspeed_config: Path | None = None):
+    """The full DPOConfig of a run; every TrainConfig field that TRL consumes is set here.
+
+    Building it first matters under ZeRO-3: it registers the DeepSpeed config so that models loaded
+    afterwards are partitioned as they load.
+    """
+    from trl import DPOConfig
+
+    if dtype not in PRECISIONS:
+        raise JobFailed(f"dtype {dtype!r} is not one of {', '.join(PRECISIONS)}")
+    args = DPOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=max_steps,
+        learning_rate=train.learning_rate,
+        beta=train.beta,
+        **loss_args(train),
+        max_length=train.max_length,  # pairs are pre-filtered to fit: TRL never truncates
+        seed=train.seed,
+        data_seed=train.seed,
+        train_sampling_strategy="sequential",  # order is shuffled by build_dataset, the same on every rank
+        gradient_checkpointing=train.gradient_checkpointing,
+        # TRL zeroes every nn.Dropout, LoRA's included; keep them when LoRA dropout is asked for
+        disable_dropout=not (train.lora and train.lora_dropout > 0),
+        **PRECISIONS[dtype],
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device != "cpu",
+        deepspeed=str(deepspeed_config) if deepspeed_config else None,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        push_to_hub=False,
+    )
+    if deepspeed_config and device == "cpu":
+        # CPU ranks: accelerate has set up a gloo process group (use_cpu=True) but not DeepSpeed's comm
+        # layer, so ZeRO-3's partitioned loading would see a world of one; hand it the same group.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=args.distributed_state.backend or "gloo")
+    return args
+
+
+def lora_config(train: TrainConfig, model):
+    """peft LoraConfig from the train section; the projector is trained in full when asked."""
+    from peft import LoraConfig
+
+    modules_to_save = None
+    if train.train_projector:
+        modules_to_save = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                                  if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES})
+        if not modules_to_save:
+            raise JobFailed(f"train.train_projector: no multimodal projector found in {type(model).__name__} "
+                            f"(looked for {', '.join(PROJECTOR_NAMES)}); set train.train_projector = false")
+    return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                      target_modules=train.lora_target, modules_to_save=modules_to_save)
+
+
+@dataclass
+class PairStats:
+    total: int = 0
+    used: int = 0
+    skipped: dict[str, int] = field(default_factory=lambda: {"identical": 0, "too_long": 0})
+    truncated_answers: int = 0
+    longest: int = 0
+    """Longest used sequence (prompt with image tokens + answer), in tokens."""
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+def _cap_answer(tokenizer, text: str, cap: int) -> tuple[str, bool]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= cap:
+        return text, False
+    return tokenizer.decode(ids[:cap], skip_special_tokens=False), True
+
+
+def _sequence_lengths(collator, row: dict) -> tuple[int, int]:
+    """(prompt tokens incl. image tokens, longest prompt+answer) exactly as TRL's collator builds them."""
+    batch = collator([copy.deepcopy(row)])
+    total = batch["attention_mask"].sum(dim=1)
+    prompt = total - batch["completion_mask"].sum(dim=1)
+    return int(prompt.max()), int(total.max())
+
+
+def build_dataset(pairs: list[dict], processor, train: TrainConfig):
+    """TRL vision preference rows for the pairs that fit, in a seeded shuffled order, and the counts.
+
+    ``pairs``: dicts with image_path, question, chosen_text, rejected_text. Answers are capped at
+    ``max_completion_length`` tokens; prompts are never cut; a pair still longer than ``max_length``
+    (prompt with image tokens + longer answer, chat template included) is skipped, as is a pair whose
+    two answers are the same text.
+    """
+    import datasets
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    missing = sorted({p["image_path"] for p in pairs if not Path(p["image_path"]).is_file()})
+    if missing:
+        raise JobFailed(f"{len(missing)} image file(s) of the pairs are missing, e.g. {missing[0]}; "
+                        "re-run the pairs step or restore the image store")
+    stats = PairStats(total=len(pairs))
+    collator = DataCollatorForVisionPreference(processor=processor, max_length=None)
+    image_feature = datasets.Image(mode="RGB")
+    rows = []
+    every = max(1, len(pairs) // 20)
+    for i, pair in enumerate(pairs):
+        if (i + 1) % every == 0 or i + 1 == len(pairs):
+            progress(i + 1, len(pairs), "pairs")
+        if pair["chosen_text"].strip() == pair["rejected_text"].strip():
+            stats.skipped["identical"] += 1
+            continue
+        chosen, cut_c = _cap_answer(processor.tokenizer, pair["chosen_text"], train.max_completion_length)
+        rejected, cut_r = _cap_answer(processor.tokenizer, pair["rejected_text"], train.max_completion_length)
+        row = trl_row(pair["image_path"], pair["question"], chosen, rejected)
+        image = image_feature.decode_example({"path": pair["image_path"], "bytes": None})
+        prompt_len, total_len = _sequence_lengths(collator, {**row, "images": [image]})
+        if total_len > train.max_length:
+            stats.skipped["too_long"] += 1
+            log.info("pair %d skipped: %d tokens (prompt %d) > max_length %d", i, total_len, prompt_len,
+                     train.max_length)
+            continue
+        stats.truncated_answers += int(cut_c) + int(cut_r)
+        stats.longest = max(stats.longest, total_len)
+        rows.append(row)
+    stats.used = len(rows)
+    random.Random(train.seed).shuffle(rows)
+    message = datasets.List({"role": datasets.Value("string"),
+                             "content": datasets.List({"type": datasets.Value("string"),
+                                                       "text": datasets.Value("string")})})
+    features = datasets.Features({"images": datasets.List(image_feature), "prompt": message,
+                                  "chosen": message, "rejected": message})
+    dataset = datasets.Dataset.from_list(rows, features=features) if rows else None
+    return dataset, stats
+
+
+def _metrics_callback_class():
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Streams one ``metrics`` event per logging step and appends it to ``metrics.jsonl`` (rank 0)."""
+
+        def __init__(self, metrics_path: Path):
+            self.metrics_path = metrics_path
+            self.rows: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or not state.is_world_process_zero:
+                return
+            row = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
+                   "rewards_chosen": logs.get("rewards/chosen"), "rewards_rejected": logs.get("rewards/rejected"),
+                   "margin": logs.get("rewards/margins"), "accuracy": logs.get("rewards/accuracies"),
+                   "lr": logs.get("learning_rate")}
+            self.rows.append(row)
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            emit("metrics", **row)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress(state.global_step, state.max_steps, "steps")
+
+    return MetricsCallback
+
+
+def build_trainer(model, ref_model, processor, dataset, args, peft_config, metrics_path: Path):
+    """The DPOTrainer, with our metrics callback instead of the printing/progress-bar ones."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import DPOTrainer
+
+    try:
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=processor, peft_config=peft_config,
+                             callbacks=[_metrics_callback_class()(metrics_path)])
+    except ValueError as err:
+        if "Target modules" in str(err) or "target_modules" in str(err):
+            raise JobFailed(f"train.lora_target matches no module of the model: {err}") from None
+        raise
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def final_loss(trainer) -> float | None:
+    """Mean training loss of the run (Trainer's ``train_loss``), or None if nothing was logged."""
+    for entry in reversed(trainer.state.log_history):
+        if "train_loss" in entry:
+            value = float(entry["train_loss"])
+            return value if math.isfinite(value) else None
+    return None

@@ -1,0 +1,261 @@
+"""The DPO training job: ``python -m backend.train RUN_DIR`` (or one rank of the deepspeed launcher).
+
+In RUN_DIR: ``config.json`` (see ``JobConfig``: the paths and ids of the round plus every field of
+``storage.config.TrainConfig`` at top level, ``device`` and ``dtype``) and ``pairs.parquet`` (prompt_id,
+chosen_id, rejected_id, image_path, question, chosen_text, rejected_text).
+Out: the checkpoint folder ``output_dir`` (written as ``<output_dir>.tmp`` then renamed) holding the
+weights (LoRA adapter, full weights, or merged weights with the adapter kept in ``adapter/``), the
+processor, ``meta.json`` and ``train_config.json``; and ``RUN_DIR/metrics.jsonl`` (one row per step).
+stdout carries only the JSON-lines job protocol (backend.progress); library output goes to stderr.
+Under deepspeed only rank 0 speaks and writes; the LoRA merge runs in a fresh process (backend.merge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from backend import dpo
+from backend.progress import emit, parse_line, read_config, write_atomic
+from backend.progress import log as log_event
+from storage.config import TrainConfig, format_validation_error
+from storage.errors import ConfigError, JobFailed, PrefloopError
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("prompt_id", "chosen_id", "rejected_id", "image_path", "question", "chosen_text", "rejected_text")
+DS_CONFIGS = Path(__file__).with_name("ds_configs")
+VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets")
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
+                   "MASTER_ADDR", "MASTER_PORT")
+
+
+class JobConfig(BaseModel):
+    """RUN_DIR/config.json: the TrainConfig fields sit at top level beside these keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    model_path: str
+    """Folder of the policy to start from: c(r-1), full or merged weights."""
+    ref_model_path: str | None = None
+    """Folder of the reference policy (None or equal to model_path: TRL derives it from the model)."""
+    output_dir: str
+    """The checkpoint folder to write (must not exist, unless it holds this same checkpoint_id)."""
+    round_id: int | None = None
+    checkpoint_id: str
+    parent_id: str | None = None
+    base_model: str
+    """The base model name of the lineage (e.g. `tiny` or a hub id), recorded in meta.json."""
+    pairs_hash: str | None = None
+    """Hash of the frozen pairs, recorded in meta.json."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_steps: int = -1
+    """Stop after this many optimizer steps (tests, smoke runs); -1 runs `epochs` in full."""
+    train: TrainConfig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m backend.train", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="folder with config.json and pairs.parquet")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def load_job_config(run_dir: Path) -> JobConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise JobFailed(f"{path} is missing: the owner writes it before starting the training job")
+    raw = read_config(run_dir)
+    train = {name: raw.pop(name) for name in TrainConfig.model_fields if name in raw}
+    try:  # two steps, so that an error names the key as it is written in the file
+        return JobConfig.model_validate({**raw, "train": TrainConfig.model_validate(train)})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path))) from None
+
+
+def read_pairs(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise JobFailed(f"{path} is missing: the owner writes the round's frozen pairs there")
+    table = pq.read_table(path)
+    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise JobFailed(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(PAIR_COLUMNS)}")
+    return table.select(list(PAIR_COLUMNS)).to_pylist()
+
+
+def library_versions() -> dict[str, str | None]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def same_folder(a: str, b: str | None) -> bool:
+    return b is None or Path(a).resolve() == Path(b).resolve()
+
+
+def prepare_output(output_dir: Path, checkpoint_id: str) -> Path:
+    """The staging folder; refuses to replace an output folder of another checkpoint."""
+    if output_dir.exists():
+        meta = output_dir / "meta.json"
+        owner = json.loads(meta.read_text()).get("checkpoint_id") if meta.is_file() else None
+        if owner != checkpoint_id:
+            raise JobFailed(f"output folder {output_dir} already exists and is not checkpoint {checkpoint_id}; "
+                            "remove it or choose another output_dir")
+    staging = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def run_merge(adapter_dir: Path, base: str, out: Path, dtype: str) -> None:
+    """backend.merge in a fresh process: merging inside a (ZeRO-3) training process fails."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
+    cmd = [sys.executable, "-m", "backend.merge", "--adapter", str(adapter_dir), "--base", base,
+           "--out", str(out), "--dtype", dtype]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    sys.stderr.write(result.stderr)
+    if result.returncode != 0:
+        errors = [e["message"] for e in map(parse_line, result.stdout.splitlines()) if e["event"] == "error"]
+        reason = errors[-1] if errors else (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise JobFailed(f"merging the LoRA adapter failed (exit {result.returncode}): {reason}")
+
+
+def no_pairs_message(stats, train: TrainConfig) -> str:
+    return (f"no pairs to train on: {stats.total} pair(s) given, {stats.skipped['identical']} with identical "
+            f"answers, {stats.skipped['too_long']} longer than max_length={train.max_length} tokens "
+            "(raise train.max_length or lower train.max_completion_length)")
+
+
+def train(run_dir: Path) -> dict:
+    started = time.time()
+    # ---- setup -------------------------------------------------------------------------------------
+    job = load_job_config(run_dir)
+    cfg = job.train
+    output_dir = Path(job.output_dir)
+    for role, path in (("model_path", job.model_path), ("ref_model_path", job.ref_model_path)):
+        if path and (Path(path) / "adapter_config.json").is_file():
+            raise JobFailed(f"{role} {path} is a LoRA adapter folder, not full weights; train from a merged "
+                            "checkpoint (train.merge = true), or merge it first with python -m backend.merge")
+    main = is_main_process()
+    staging = prepare_output(output_dir, job.checkpoint_id) if main else None
+    metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        metrics_path.unlink(missing_ok=True)  # a retried step starts its curve again
+    pairs = read_pairs(run_dir / "pairs.parquet")
+    from transformers import set_seed  # the heavy imports come after the checks above, which fail fast
+
+    from backend.models import load_model, load_processor
+
+    ds_config = DS_CONFIGS / f"zero{cfg.zero_stage}.json" if cfg.launcher == "deepspeed" else None
+    args = dpo.dpo_config(cfg, output_dir=run_dir / "trainer", device=job.device, dtype=job.dtype,
+                          max_steps=job.max_steps, deepspeed_config=ds_config)
+    set_seed(cfg.seed)
+    processor = load_processor(job.model_path)
+    dataset, stats = dpo.build_dataset(pairs, processor, cfg)
+    if dataset is None:
+        raise JobFailed(no_pairs_message(stats, cfg))
+    log_event(f"{stats.used} of {stats.total} pairs used, skipped {stats.skipped}, "
+              f"{stats.truncated_answers} answers capped at {cfg.max_completion_length} tokens, "
+              f"longest sequence {stats.longest} tokens")
+
+    t0 = time.time()
+    model = load_model(job.model_path, dtype=job.dtype)
+    ref_model = None if same_folder(job.model_path, job.ref_model_path) else load_model(job.ref_model_path,
+                                                                                          dtype=job.dtype)
+    peft_config = dpo.lora_config(cfg, model) if cfg.lora else None
+    trainer = dpo.build_trainer(model, ref_model, processor, dataset, args, peft_config, metrics_path)
+    zero = f", DeepSpeed ZeRO-{args.deepspeed_plugin.zero_stage}" if args.deepspeed_plugin else ""
+    log_event(f"loaded policy{'' if ref_model is None else ' and reference'} in {time.time() - t0:.1f} s; "
+              f"{'LoRA' if cfg.lora else 'full'} DPO, loss {'+'.join(cfg.loss)}, world size {args.world_size}{zero}")
+
+    # ---- run ---------------------------------------------------------------------------------------
+    trainer.train()
+    train_loss = dpo.final_loss(trainer)
+    steps = trainer.state.global_step
+
+    # ---- save --------------------------------------------------------------------------------------
+    kind = "full" if not cfg.lora else ("merged" if cfg.merge else "adapter")
+    weights_dir = (staging / "adapter" if kind == "merged" else staging) if main else Path(args.output_dir)
+    trainer.save_model(str(weights_dir))  # every rank: ZeRO-3 gathers the shards; rank 0 writes
+    summary = {"pairs_used": stats.used, "pairs_skipped": stats.skipped_total, "steps": steps,
+               "train_loss": train_loss, "kind": kind, "output_dir": str(output_dir)}
+    if main:
+        (weights_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json records it
+        processor.save_pretrained(weights_dir)
+        resolved = {**job.model_dump(exclude={"train"}), **cfg.model_dump(), "world_size": args.world_size,
+                    "deepspeed_config": str(ds_config) if ds_config else None}
+        meta = {"checkpoint_id": job.checkpoint_id, "round_id": job.round_id, "parent_id": job.parent_id,
+                "base_model": job.base_model, "pairs_hash": job.pairs_hash, "kind": kind,
+                "policy_path": job.model_path, "reference_path": job.ref_model_path or job.model_path,
+                "reference": cfg.reference, "pairs_total": stats.total, "pairs_used": stats.used,
+                "pairs_skipped": stats.skipped_total, "skipped": stats.skipped,
+                "answers_truncated": stats.truncated_answers, "steps": steps, "train_loss": train_loss,
+                "versions": library_versions(), "config": resolved}
+        if kind == "merged":
+            write_atomic(weights_dir / "meta.json", json.dumps({**meta, "kind": "adapter"}, indent=2))
+            t1 = time.time()
+            run_merge(weights_dir, job.model_path, staging, job.dtype)
+            log_event(f"merged the adapter into full weights in {time.time() - t1:.1f} s")
+        summary["seconds"] = round(time.time() - started, 2)
+        meta["seconds"] = summary["seconds"]
+        write_atomic(staging / "train_config.json", json.dumps(resolved, indent=2))
+        write_atomic(staging / "meta.json", json.dumps(meta, indent=2))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)  # a retry of this same checkpoint (checked in prepare_output)
+        os.replace(staging, output_dir)
+
+    # ---- cleanup -----------------------------------------------------------------------------------
+    del trainer, model, ref_model
+    gc.collect()
+    if main:
+        shutil.rmtree(run_dir / "trainer", ignore_errors=True)
+    summary.setdefault("seconds", round(time.time() - started, 2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a job never downloads: every model is a local folder by now
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.stdout = sys.stderr  # library prints go to stderr; emit() keeps the real stdout for events
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        summary = train(args.run_dir)
+    except PrefloopError as err:
+        emit("error", message=str(err))
+        return err.exit_code
+    except Exception as err:  # noqa: BLE001 - the owner needs one line; the traceback goes to stderr
+        traceback.print_exc()
+        emit("error", message=f"training failed: {type(err).__name__}: {err}")
+        return 1
+    emit("done", summary=summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The multi-process path: launcher command lines, and DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) vs one process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_train import make_pairs, make_run, weight
+
+from backend.launch import train_command
+from storage.config import TrainConfig
+
+
+def test_launcher_command_lines():
+    py = "/venv/bin/python"
+    run_dir = Path("/ws/runs/r001/train")
+    assert train_command(run_dir, TrainConfig(), python=py) == [py, "-m", "backend.train", str(run_dir)]
+
+    ds = TrainConfig(launcher="deepspeed", num_processes=2)
+    cmd = train_command(run_dir, ds, python=py, master_port=29711)
+    assert cmd == [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29711",
+                   "--module", "backend.train", str(run_dir)]
+
+    multi = TrainConfig(launcher="deepspeed", num_processes=8, hostfile="/ws/hostfile")
+    cmd = train_command(run_dir, multi, python=py)
+    assert cmd == [py, "-m", "deepspeed.launcher.runner", "--hostfile", "/ws/hostfile", "--num_gpus", "8",
+                   "--master_port", "29500", "--module", "backend.train", str(run_dir)]
+
+    # DeepSpeed's own parser reads it as intended: a module with its argument, N slots per node
+    from deepspeed.launcher.runner import parse_args
+
+    parsed = parse_args(cmd[3:])
+    assert (parsed.hostfile, parsed.num_gpus, parsed.module, parsed.user_script, parsed.user_args) == (
+        "/ws/hostfile", 8, True, "backend.train", [str(run_dir)])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str]) -> tuple[list[dict], str]:
+    from backend.progress import parse_line
+
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [parse_line(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+@pytest.mark.slow
+def test_zero3_on_two_cpu_ranks_matches_one_process(tiny_model_dir, tmp_path):
+    """Same global batch (2 ranks x 1 vs 1 process x 2), same seed and data order: same losses and weights."""
+    pairs = make_pairs(tmp_path, 6)
+    common = {"max_steps": 3, "loss": ["sigmoid"], "learning_rate": 1e-3, "seed": 0, "merge": True}
+    local_dir = make_run(tmp_path / "local", tiny_model_dir, pairs, batch_size=2, **common)
+    ds_dir = make_run(tmp_path / "ds", tiny_model_dir, pairs, batch_size=1, launcher="deepspeed",
+                      num_processes=2, zero_stage=3, **common)
+
+    def config(run_dir):
+        raw = json.loads((run_dir / "config.json").read_text())
+        return TrainConfig(**{k: v for k, v in raw.items() if k in TrainConfig.model_fields})
+
+    local_events, _ = run(train_command(local_dir, config(local_dir)))
+    ds_events, _ = run(train_command(ds_dir, config(ds_dir), master_port=free_port()))
+
+    logs = " | ".join(e["message"] for e in ds_events if e["event"] == "log")
+    assert "world size 2, DeepSpeed ZeRO-3" in logs
+    assert sum(e["event"] == "done" for e in ds_events) == 1  # rank 1 stays silent
+
+    local_metrics = [e for e in local_events if e["event"] == "metrics"]
+    ds_metrics = [e for e in ds_events if e["event"] == "metrics"]
+    assert [m["step"] for m in ds_metrics] == [m["step"] for m in local_metrics] == [1, 2, 3]
+    for a, b in zip(local_metrics, ds_metrics, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+        assert abs(a["margin"] - b["margin"]) < 1e-4, (a, b)
+    assert local_metrics[-1]["margin"] > 1e-3  # the comparison is not between two untrained models
+
+    local_out = Path(next(e for e in local_events if e["event"] == "done")["summary"]["output_dir"])
+    ds_out = Path(next(e for e in ds_events if e["event"] == "done")["summary"]["output_dir"])
+    assert json.loads((ds_out / "meta.json").read_text())["kind"] == "merged"
+    assert json.loads((ds_out / "train_config.json").read_text())["world_size"] == 2
+    trained_local, trained_ds, start = weight(local_out), weight(ds_out), weight(tiny_model_dir)
+    assert not trained_ds.equal(start)
+    assert (trained_ds - trained_local).abs().max() < 1e-4
