@@ -28,6 +28,8 @@ from storage.errors import JobFailed
 log = logging.getLogger(__name__)
 
 EventHandler = Callable[[dict], None]
+CancelCheck = Callable[[], bool]
+"""Polled while a job runs; returning True cancels the job (e.g. a `round cancel` request)."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +67,7 @@ class Job:
     """A started job; ``wait()`` streams its events to ``on_event`` and returns a JobResult."""
 
     def __init__(self, argv: list[str], run_dir: Path, env: dict | None = None,
-                 on_event: EventHandler | None = None):
+                 on_event: EventHandler | None = None, cancel: CancelCheck | None = None):
         self.argv = argv
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +81,15 @@ class Job:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
                                      env=job_env(env), cwd=str(self.run_dir), text=True, bufsize=1,
                                      preexec_fn=_die_with_parent)
+        if cancel is not None:
+            threading.Thread(target=self._watch, args=(cancel,), daemon=True).start()
+
+    def _watch(self, cancel: CancelCheck, every_s: float = 0.5) -> None:
+        while self.proc.poll() is None:
+            if cancel():
+                self.cancel()
+                return
+            time.sleep(every_s)
 
     @property
     def pid(self) -> int:

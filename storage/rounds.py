@@ -132,3 +132,57 @@ def complete_training(cur, *, round_id: int, checkpoint: dict[str, Any], metrics
     except Exception:
         cur.execute("ROLLBACK")
         raise
+
+
+def fail_stale_steps(cur) -> list[dict]:
+    """Steps still marked `running` when an owner opens the workspace belong to a dead owner (its jobs
+    died with it): mark them failed so `round resume` can retry them. Returns the steps changed."""
+    stale = _rows(cur, "SELECT round_id, step FROM round_steps WHERE status = 'running'")
+    if stale:
+        cur.execute("UPDATE round_steps SET status = 'failed', finished_at = current_timestamp, "
+                    "error = 'the owner process stopped while this step ran (crash or kill); "
+                    "`prefloop round resume` retries it' WHERE status = 'running'")
+        cur.execute("UPDATE rounds SET status = 'failed', error = 'interrupted: the owner process stopped' "
+                    "WHERE status = 'running'")
+    return stale
+
+
+def labelled_prompts(cur, round_id: int) -> int:
+    """Prompts of a round with at least one standing human decision (latest label per annotator)."""
+    return cur.execute("""
+        SELECT count(DISTINCT prompt_id) FROM (
+            SELECT prompt_id, kind, skipped_reason,
+                   row_number() OVER (PARTITION BY prompt_id, annotator ORDER BY label_id DESC) AS rn
+            FROM labels WHERE round_id = ? AND source = 'human')
+        WHERE rn = 1 AND kind = 'label' AND skipped_reason IS NULL""", [round_id]).fetchone()[0]
+
+
+def last_promoted_checkpoint(cur, before_round: int) -> str:
+    """The checkpoint the next round starts from: the newest promoted round's, else the base."""
+    row = _row(cur, "SELECT round_id FROM rounds WHERE promoted AND round_id < ? ORDER BY round_id DESC LIMIT 1",
+               [before_round])
+    return f"c{row['round_id']}" if row else BASE_CHECKPOINT
+
+
+def add_eval(cur, *, round_id: int, baseline_checkpoint_id: str, checkpoint_id: str, judge: str, wins: int,
+             losses: int, ties: int, n: int, eval_set: str = "heldout") -> None:
+    cur.execute("DELETE FROM evals WHERE round_id = ? AND judge = ? AND eval_set = ?", [round_id, judge, eval_set])
+    cur.execute("INSERT INTO evals (round_id, baseline_checkpoint_id, checkpoint_id, judge, eval_set, wins, losses, "
+                "ties, n) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [round_id, baseline_checkpoint_id, checkpoint_id, judge, eval_set, wins, losses, ties, n])
+
+
+def list_evals(cur, round_id: int | None = None) -> list[dict]:
+    if round_id is None:
+        return _rows(cur, "SELECT * FROM evals ORDER BY round_id, judge")
+    return _rows(cur, "SELECT * FROM evals WHERE round_id = ? ORDER BY judge", [round_id])
+
+
+def eval_scores(cur, round_id: int, judge: str) -> list[dict]:
+    """Per held-out prompt and checkpoint: the eval candidate's newest ok overall score from ``judge``."""
+    return _rows(cur, """
+        SELECT c.prompt_id, c.checkpoint_id, c.candidate_id,
+               (SELECT j.overall FROM judgments j WHERE j.candidate_id = c.candidate_id AND j.judge = ?
+                  AND j.status = 'ok' ORDER BY j.created_at DESC LIMIT 1) AS overall
+        FROM candidates c WHERE c.round_id = ? AND c.origin = 'eval'
+        ORDER BY c.prompt_id, c.checkpoint_id""", [judge, round_id])

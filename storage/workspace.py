@@ -179,6 +179,10 @@ def open_workspace(root: str | os.PathLike, command: str = "prefloop", migrate: 
     con = connect_owner(lay, command)
     if migrate:
         migrations.migrate(con)
+        from storage.rounds import fail_stale_steps
+
+        for s in fail_stale_steps(con):
+            log.warning("round %s step %s was left running by a dead owner; marked failed", s["round_id"], s["step"])
     return Workspace(lay=lay, config=config, con=con, command=command)
 
 

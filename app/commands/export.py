@@ -14,7 +14,8 @@ from pathlib import Path
 
 from storage import export
 from storage.errors import UsageError
-from storage.workspace import open_workspace
+from app.commands._ws import actor, workspace_for
+from storage import audit
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "llava"}
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sql is not None and (args.round is not None or args.embed_images):
         raise UsageError("--round and --embed-images apply to --pairs exports only")
     fmt = _format(args, export.PAIR_FORMATS if args.pairs else export.QUERY_FORMATS)
-    with open_workspace(args.workspace, command="prefloop export") as ws:
+    with workspace_for(args, "prefloop export") as ws:
         cur = ws.cursor()
         t0 = time.perf_counter()
         if args.pairs:
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             n = export.export_query(cur, args.sql, args.out, fmt, timeout_s=args.timeout or None, limit=args.limit)
         dt = time.perf_counter() - t0
+        audit.record(cur, actor(), "export", {"pairs": bool(args.pairs), "round": args.round, "sql": args.sql,
+                                              "format": fmt, "out": str(args.out), "rows": n})
     what = "pairs" if args.pairs else "rows"
     print(f"wrote {n} {what} to {args.out} ({fmt}) in {dt:.2f} s ({n / max(dt, 1e-9):,.0f} {what}/s)")
     return 0

@@ -12,7 +12,8 @@ import sys
 from app.importer import import_path
 from storage.errors import ImportRejected
 from storage.images import DEFAULT_MAX_MEGAPIXELS
-from storage.workspace import open_workspace
+from app.commands._ws import actor, workspace_for
+from storage import audit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_workspace(args.workspace, command="prefloop import") as ws:
+    with workspace_for(args, "prefloop import") as ws:
         try:
             result = import_path(ws, args.input, skip_bad=args.skip_bad, allow_outside=args.allow_outside,
                                  max_megapixels=args.max_megapixels, default_split=args.split,
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             for problem in err.problems:
                 print(problem, file=sys.stderr)
             raise
+        audit.record(ws.cursor(), actor(), "import", {"file": str(args.input), "new_prompts": result.new_prompts,
+                                                      "candidates": result.candidates, "bad_rows": result.bad_rows})
     print(result.summary())
     if result.reject_report:
         print(f"{result.bad_rows} bad rows written to {result.reject_report}", file=sys.stderr)

@@ -10,7 +10,7 @@ import argparse
 import time
 
 from storage import export
-from storage.workspace import open_workspace
+from app.commands._ws import workspace_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_workspace(args.workspace, command="prefloop snapshot") as ws:
+    with workspace_for(args, "prefloop snapshot") as ws:
         t0 = time.perf_counter()
         out = export.snapshot(ws.cursor(), args.out, force=args.force)
         dt = time.perf_counter() - t0

@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backend.jobs import EventHandler, Job, python_module, write_config
+from backend.jobs import CancelCheck, EventHandler, Job, python_module, write_config
 from backend.models import default_device
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from storage import config as cfgmod
@@ -20,19 +20,26 @@ log = logging.getLogger(__name__)
 
 def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limit: int | None = None,
                  prompt_ids: list[str] | None = None, split: str = "train",
-                 on_event: EventHandler | None = None) -> dict:
-    """k candidates per prompt of the current round from its policy checkpoint; returns a summary."""
+                 on_event: EventHandler | None = None, round_id: int | None = None,
+                 checkpoint_id: str | None = None, eval_origin: bool = False,
+                 cancel: CancelCheck | None = None) -> dict:
+    """k candidates per prompt of the current round from its policy checkpoint; returns a summary.
+
+    The eval step calls it with ``checkpoint_id`` (c(r) or c(r-1)), ``split="heldout"`` and
+    ``eval_origin=True``: those answers are stored with origin `eval` and never paired."""
     cur = ws.cursor()
-    rnd = rounds.current_round(cur)
-    round_id, ckpt_id = rnd["round_id"], rnd["policy_checkpoint_id"]
+    rnd = rounds.current_round(cur) if round_id is None else rounds.get_round(cur, round_id)
+    round_id = rnd["round_id"]
+    ckpt_id = checkpoint_id or rnd["policy_checkpoint_id"]
     gen = cfgmod.update(ws.config, {f"generation.{k}": v for k, v in (overrides or {}).items() if v is not None}).generation
     todo = generation.prompts_to_generate(cur, round_id, ckpt_id, str(ws.root), split=split, limit=limit,
-                                          prompt_ids=prompt_ids)
+                                          prompt_ids=prompt_ids, eval_origin=eval_origin)
     if not todo:
         return {"round_id": round_id, "prompts": 0, "candidates": 0,
                 "message": f"nothing to generate: every {split} prompt already has candidates from {ckpt_id} "
                            f"in round {round_id}"}
-    run_dir = step_dir(ws, round_id, "generate")
+    step = f"eval-generate-{ckpt_id}" if eval_origin else "generate"
+    run_dir = step_dir(ws, round_id, step)
     pq.write_table(pa.Table.from_pylist(todo), run_dir / "prompts.parquet")
     (run_dir / "candidates.parquet").unlink(missing_ok=True)
     policy = ws.config.policy
@@ -43,10 +50,12 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
         "adapter_path": None,
     }
     write_config(run_dir, config)
-    with tracked_step(ws, round_id, "generate", run_dir):
-        result = Job(python_module("backend.generate", str(run_dir)), run_dir, on_event=on_event).wait()
-        added = generation.ingest_candidates_parquet(cur, run_dir / "candidates.parquet")
+    with tracked_step(ws, round_id, step, run_dir):
+        result = Job(python_module("backend.generate", str(run_dir)), run_dir, on_event=on_event,
+                     cancel=cancel).wait()
+        added = generation.ingest_candidates_parquet(cur, run_dir / "candidates.parquet",
+                                                     origin="eval" if eval_origin else None)
         summary = {"round_id": round_id, "checkpoint_id": ckpt_id, "prompts": len(todo), "candidates": added,
                    "seconds": round(result.seconds, 1), **{f"job_{k}": v for k, v in result.summary.items()}}
-        rounds.finish_step(cur, round_id, "generate", "done", summary=summary)
+        rounds.finish_step(cur, round_id, step, "done", summary=summary)
     return summary

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backend import launch
-from backend.jobs import EventHandler, Job, write_config
+from backend.jobs import CancelCheck, EventHandler, Job, write_config
 from backend.models import default_device
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from storage import config as cfgmod
@@ -31,7 +31,7 @@ def pairs_hash(rows: list[dict]) -> str:
 
 
 def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_event: EventHandler | None = None,
-              open_next: bool = True) -> dict:
+              open_next: bool = True, cancel: CancelCheck | None = None) -> dict:
     """Train the current round: c(r-1) + frozen pairs -> c(r). Returns a summary."""
     cur = ws.cursor()
     rnd = rounds.current_round(cur)
@@ -59,7 +59,7 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
     write_config(run_dir, config)
     argv = launch.train_command(run_dir, train)
     with tracked_step(ws, round_id, "train", run_dir):
-        result = Job(argv, run_dir, on_event=on_event).wait()
+        result = Job(argv, run_dir, on_event=on_event, cancel=cancel).wait()
         meta = json.loads((out_dir / "meta.json").read_text())
         rounds.complete_training(cur, round_id=round_id, metrics=result.metrics, open_next=open_next, checkpoint={
             "checkpoint_id": checkpoint_id, "round_id": round_id, "parent_id": parent_id,

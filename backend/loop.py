@@ -1,0 +1,209 @@
+"""The round state machine: generate -> judge -> review gate -> pairs -> train -> eval -> promote.
+
+State lives in the database: ``rounds.step`` is the next step of a round and moves on only after a
+step finished and its output was ingested, so ``resume`` after a crash re-runs the interrupted step
+(every step is idempotent: generation only answers prompts without candidates, judging only judges
+what is unjudged, pairs are replaced until frozen, training rebuilds its folder) and never a finished
+one. ``run_rounds(ws, n)`` trains ``n`` rounds and then stops at the next round's review, so
+reviewers always have fresh items; with review ``required`` it also stops at a gate whose quota is
+not met. A cancel request (a file in ``runs/``, so another process can ask) stops the running job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from backend.jobs import EventHandler
+from backend.steps.generate import run_generate
+from backend.steps.pairs import run_pairs
+from backend.steps.train import run_train
+from storage import rounds
+from storage.errors import PrefloopError, UsageError
+from storage.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+ORDER = ("generate", "judge", "review", "pairs", "train", "eval", "promote")
+CANCEL_FILE = "cancel.request"
+
+
+class Cancelled(PrefloopError):
+    """A `round cancel` request stopped the loop; `round resume` continues."""
+
+
+class WaitingForReview(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+@dataclass
+class LoopContext:
+    ws: Workspace
+    round_id: int
+    on_event: EventHandler
+    trained: int
+    target: int
+    summaries: dict = field(default_factory=dict)
+
+    def cancel_requested(self) -> bool:
+        return (self.ws.lay.runs / CANCEL_FILE).exists()
+
+    def emit(self, **ev) -> None:
+        self.on_event(ev)
+
+
+StepFn = Callable[[LoopContext], dict | None]
+
+
+def _generate(ctx: LoopContext) -> dict:
+    return run_generate(ctx.ws, round_id=ctx.round_id, on_event=ctx.on_event, cancel=ctx.cancel_requested)
+
+
+def _judge(ctx: LoopContext) -> dict:
+    from backend.steps.judge import run_judge
+
+    out = {}
+    for name in ctx.ws.config.judges.default:
+        out[name] = run_judge(ctx.ws, name, round_id=ctx.round_id, on_event=ctx.on_event)
+    return out
+
+
+def _review(ctx: LoopContext) -> dict:
+    if ctx.trained >= ctx.target:
+        raise WaitingForReview(f"round {ctx.round_id} is ready for review")
+    review = ctx.ws.config.review
+    done = rounds.labelled_prompts(ctx.ws.cursor(), ctx.round_id)
+    if review.required == "required" and done < review.quota:
+        raise WaitingForReview(f"round {ctx.round_id} waits for review: {done}/{review.quota} prompts labelled; "
+                               "`prefloop round resume` continues once the quota is met")
+    return {"labelled": done}
+
+
+def _pairs(ctx: LoopContext) -> dict:
+    from storage import pairs as pairstore
+
+    if pairstore.is_frozen(ctx.ws.cursor(), ctx.round_id):
+        return {"frozen": True}
+    return run_pairs(ctx.ws)
+
+
+def _train(ctx: LoopContext) -> dict:
+    if rounds.get_checkpoint(ctx.ws.cursor(), f"c{ctx.round_id}") is not None:
+        return {"already_trained": True}
+    return run_train(ctx.ws, on_event=ctx.on_event, open_next=False, cancel=ctx.cancel_requested)
+
+
+def _eval(ctx: LoopContext) -> dict:
+    from backend.steps.evaluate import run_eval
+
+    return run_eval(ctx.ws, ctx.round_id, on_event=ctx.on_event, cancel=ctx.cancel_requested)
+
+
+def _promote(ctx: LoopContext) -> dict:
+    cur = ctx.ws.cursor()
+    policy = ctx.ws.config.round.promote
+    evals = [e for e in rounds.list_evals(cur, ctx.round_id) if e["eval_set"] == "heldout"]
+    if policy == "always":
+        promoted, why = True, "promote = always"
+    elif not evals:
+        promoted, why = True, "if_not_worse: no eval ran (no eval judge or no held-out prompts)"
+    else:
+        e = evals[0]
+        promoted = e["wins"] >= e["losses"]
+        why = (f"if_not_worse: {e['wins']} wins, {e['losses']} losses, {e['ties']} ties vs "
+               f"{e['baseline_checkpoint_id']} by {e['judge']}")
+    rounds.set_round(cur, ctx.round_id, promoted=promoted, promote_reason=why)
+    next_policy = f"c{ctx.round_id}" if promoted else rounds.last_promoted_checkpoint(cur, ctx.round_id)
+    return {"promoted": promoted, "reason": why, "next_policy": next_policy}
+
+
+STEPS: dict[str, StepFn] = {
+    "generate": _generate, "judge": _judge, "review": _review, "pairs": _pairs,
+    "train": _train, "eval": _eval, "promote": _promote,
+}
+assert tuple(STEPS) == ORDER
+
+
+def _finish_round(ws: Workspace, round_id: int, next_policy: str) -> None:
+    cur = ws.cursor()
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        rounds.set_round(cur, round_id, status="done", step="done", finished_at=_now(), error=None)
+        if rounds.get_round(cur, round_id + 1) is None:
+            rounds.open_round(cur, round_id + 1, next_policy)
+        cur.execute("COMMIT")
+    except Exception:
+        cur.execute("ROLLBACK")
+        raise
+
+
+def _now():
+    import datetime
+
+    return datetime.datetime.now()
+
+
+def run_rounds(ws: Workspace, n: int = 1, *, on_event: EventHandler | None = None) -> dict:
+    """Train ``n`` rounds from wherever the current round stands; stop at the next review.
+
+    Returns {"trained": k, "stopped": reason, "round_id": r, "steps": {...}}. Raises Cancelled when a
+    cancel request arrived, and the failing step's error otherwise (the round is marked failed and
+    `resume` continues from that step).
+    """
+    if n < 1:
+        raise UsageError("--rounds must be at least 1")
+    on_event = on_event or (lambda e: None)
+    cancel = ws.lay.runs / CANCEL_FILE
+    cancel.unlink(missing_ok=True)
+    trained = 0
+    done_steps: list[str] = []
+    while True:
+        cur = ws.cursor()
+        rnd = rounds.current_round(cur)
+        r = rnd["round_id"]
+        step = rnd["step"] if rnd["step"] in STEPS else "generate"
+        ctx = LoopContext(ws, r, on_event, trained, n)
+        rounds.set_round(cur, r, status="running", error=None, started_at=rnd["started_at"] or _now())
+        try:
+            for name in ORDER[ORDER.index(step):]:
+                if ctx.cancel_requested():
+                    raise Cancelled(f"round {r} cancelled before its {name} step; `prefloop round resume` continues")
+                rounds.set_round(cur, r, step=name)
+                on_event({"event": "step", "round_id": r, "step": name, "status": "running"})
+                started = time.time()
+                summary = STEPS[name](ctx) or {}
+                ctx.summaries[name] = summary
+                done_steps.append(f"r{r}:{name}")
+                on_event({"event": "step", "round_id": r, "step": name, "status": "done",
+                          "seconds": round(time.time() - started, 1), "summary": summary})
+                nxt = ORDER.index(name) + 1
+                rounds.set_round(cur, r, step=ORDER[nxt] if nxt < len(ORDER) else "done")
+        except WaitingForReview as w:
+            rounds.set_round(cur, r, status="waiting_review" if trained < n else "collecting", step="review")
+            return {"trained": trained, "stopped": str(w), "round_id": r, "steps": done_steps}
+        except Cancelled as c:
+            rounds.set_round(cur, r, status="cancelled", error=str(c))
+            (ws.lay.runs / CANCEL_FILE).unlink(missing_ok=True)
+            raise
+        except BaseException as err:
+            if (ws.lay.runs / CANCEL_FILE).exists():
+                (ws.lay.runs / CANCEL_FILE).unlink(missing_ok=True)
+                rounds.set_round(cur, r, status="cancelled", error="cancelled by `prefloop round cancel`")
+                raise Cancelled(f"round {r} cancelled during its {rounds.get_round(cur, r)['step']} step; "
+                                "`prefloop round resume` continues") from None
+            rounds.set_round(cur, r, status="failed", error=f"{type(err).__name__}: {err}"[:2000])
+            raise
+        _finish_round(ws, r, ctx.summaries["promote"]["next_policy"])
+        trained += 1
+
+
+def request_cancel(ws_root) -> None:
+    """Ask the owner running a round to stop (works from another process: the owner polls the file)."""
+    from storage.workspace import require_workspace
+
+    lay = require_workspace(ws_root)
+    lay.runs.mkdir(exist_ok=True)
+    (lay.runs / CANCEL_FILE).write_text(str(time.time()))

@@ -1,0 +1,200 @@
+"""The round state machine on `tiny`: unattended rounds, the review gate, kill -9 + resume, promotion."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import psutil
+import pytest
+
+from app.cli import main as cli_main
+from storage import config as cfgmod
+from tests.conftest import REPO, make_image
+
+ROUND_CONFIG = {"generation.k": 2, "generation.max_new_tokens": 8, "generation.views": ["original", "aug:hflip"],
+                "round.eval_judge": "reference", "train.batch_size": 2}
+
+
+def make_data(root: Path) -> Path:
+    data = root / "data"
+    rows = []
+    for i in range(5):
+        make_image(data / f"img{i}.png", size=(40 + i, 36), color=(50 * i % 255, 90, 200 - 30 * i))
+        rows.append({"image": f"img{i}.png", "question": f"What colour is shape {i}?"})
+    for i in range(2):
+        rows.append({"image": f"img{i}.png", "question": f"Which colour is it, {i}?", "split": "heldout",
+                     "reference": "red"})
+    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data / "q.jsonl"
+
+
+def make_ws(root: Path, tiny_model_dir: Path, **changes) -> Path:
+    """A workspace with the test data imported and the small round config (CLI in-process)."""
+    import shutil
+
+    ws = root / "ws"
+    assert cli_main(["init", str(ws), "--model", "tiny"]) == 0
+    shutil.copytree(tiny_model_dir, ws / "checkpoints" / "c0")
+    assert cli_main(["import", "-w", str(ws), str(make_data(root))]) == 0
+    cfg = cfgmod.update(cfgmod.load(ws / "prefloop.toml"), {**ROUND_CONFIG, **changes})
+    cfgmod.save(cfg, ws / "prefloop.toml")
+    return ws
+
+
+def q(ws: Path, sql: str, params=None):
+    con = duckdb.connect(str(ws / "prefloop.duckdb"), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def counts(ws: Path, round_id: int) -> tuple:
+    return (q(ws, "SELECT count(*) FROM candidates WHERE round_id = ? AND origin <> 'eval'", [round_id])[0][0],
+            q(ws, "SELECT count(*) FROM pairs WHERE round_id = ?", [round_id])[0][0])
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory, tiny_model_dir):
+    """`round start --rounds 2` with review off: shared by the tests that only read the result."""
+    ws = make_ws(tmp_path_factory.mktemp("two"), tiny_model_dir)
+    assert cli_main(["round", "start", "-w", str(ws), "--rounds", "2", "--quiet"]) == 0
+    return ws
+
+
+def test_two_unattended_rounds_lineage(two_rounds):
+    ws = two_rounds
+    assert q(ws, "SELECT round_id, status, policy_checkpoint_id, promoted FROM rounds ORDER BY 1") == [
+        (1, "done", "c0", True), (2, "done", "c1", True), (3, "collecting", "c2", None)]
+    assert q(ws, "SELECT checkpoint_id, parent_id FROM checkpoints ORDER BY 1") == [
+        ("c0", None), ("c1", "c0"), ("c2", "c1")]
+    # round 2 was generated from round 1's checkpoint; round 3 (stopped at review) from round 2's
+    assert q(ws, "SELECT DISTINCT checkpoint_id FROM candidates WHERE round_id = 2 AND origin = 'policy'") == [("c1",)]
+    assert q(ws, "SELECT DISTINCT checkpoint_id FROM candidates WHERE round_id = 3") == [("c2",)]
+    meta = json.loads((ws / "checkpoints" / "r002" / "meta.json").read_text())
+    assert meta["parent_id"] == "c1"
+    for r in (1, 2):
+        cands, pairs = counts(ws, r)
+        assert cands == 5 * 3 and pairs > 0
+
+
+def test_eval_rows_and_train_metrics(two_rounds):
+    ws = two_rounds
+    evals = q(ws, "SELECT round_id, baseline_checkpoint_id, checkpoint_id, judge, wins + losses + ties, n "
+                  "FROM evals ORDER BY 1")
+    assert evals == [(1, "c0", "c1", "reference", 2, 2), (2, "c1", "c2", "reference", 2, 2)]
+    assert q(ws, "SELECT count(DISTINCT checkpoint_id) FROM candidates WHERE origin = 'eval' AND round_id = 2")[0][0] == 2
+    assert q(ws, "SELECT count(*) > 0 FROM train_metrics WHERE round_id = 2")[0][0]
+    steps = q(ws, "SELECT step, status FROM round_steps WHERE round_id = 1 ORDER BY started_at")
+    assert ("train", "done") in steps and ("generate", "done") in steps
+
+
+def test_review_required_stops_at_gate_and_resume_continues(tmp_path, tiny_model_dir):
+    ws = make_ws(tmp_path, tiny_model_dir, **{"review.required": "required", "review.quota": 2})
+    assert cli_main(["round", "start", "-w", str(ws), "--rounds", "2", "--quiet"]) == 0
+    assert q(ws, "SELECT status, step FROM rounds WHERE round_id = 1") == [("waiting_review", "review")]
+    assert not (ws / "checkpoints" / "r001").exists()
+    # not enough labels yet: resume stops at the same gate
+    assert cli_main(["round", "resume", "-w", str(ws), "--quiet"]) == 0
+    assert q(ws, "SELECT status FROM rounds WHERE round_id = 1") == [("waiting_review",)]
+    from storage import prompts
+    from storage.workspace import open_workspace
+
+    with open_workspace(ws) as w:
+        cur = w.cursor()
+        cands = prompts.list_candidates(cur, round_id=1)
+        by_prompt: dict[str, list] = {}
+        for c in cands:
+            if c["origin"] == "policy":
+                by_prompt.setdefault(c["prompt_id"], []).append(c["candidate_id"])
+        labels = [{"prompt_id": p, "round_id": 1, "annotator": "ann", "source": "human", "kind": "label",
+                   "chosen_id": ids[1], "rejected_id": ids[0], "all_bad": False}
+                  for p, ids in sorted(by_prompt.items())[:2]]
+        prompts.insert_labels(cur, labels)
+    assert cli_main(["round", "resume", "-w", str(ws), "--quiet"]) == 0
+    assert q(ws, "SELECT round_id, status FROM rounds ORDER BY 1") == [(1, "done"), (2, "waiting_review")]
+    human = q(ws, "SELECT count(*) FROM pairs WHERE round_id = 1 AND source = 'human'")[0][0]
+    assert human == 2
+
+
+def _owner(ws: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "round", "start", "-w", str(ws), "--rounds", "1",
+                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_child(owner: subprocess.Popen, needle: str, timeout: float = 300) -> psutil.Process:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert owner.poll() is None, owner.communicate()
+        for child in psutil.Process(owner.pid).children(recursive=True):
+            try:
+                if needle in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no {needle} job appeared")
+
+
+@pytest.mark.parametrize("victim", ["backend.generate", "backend.train", "owner"])
+def test_kill9_then_resume_matches_uninterrupted(victim, tmp_path, tiny_model_dir, two_rounds):
+    ws = make_ws(tmp_path, tiny_model_dir)
+    owner = _owner(ws)
+    job = _wait_for_child(owner, "backend.train" if victim == "owner" else victim)
+    time.sleep(1.0)
+    if victim == "owner":
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(30)
+        job.wait(30)  # the job dies with its owner (PR_SET_PDEATHSIG)
+    else:
+        job.send_signal(signal.SIGKILL)
+        owner.wait(120)
+        assert owner.returncode != 0
+        assert "failed" in owner.stderr.read()
+    assert not psutil.pid_exists(job.pid) or job.status() == psutil.STATUS_ZOMBIE
+    assert cli_main(["round", "resume", "-w", str(ws), "--quiet"]) == 0
+    assert q(ws, "SELECT status FROM rounds WHERE round_id = 1") == [("done",)]
+    assert counts(ws, 1) == counts(two_rounds, 1)
+    assert counts(ws, 2)[0] == counts(two_rounds, 2)[0]
+    assert q(ws, "SELECT count(*) FROM checkpoints WHERE checkpoint_id = 'c1'")[0][0] == 1
+
+
+class PreferFirstCheckpoint:
+    """A rigged eval judge: scores every answer of the parent checkpoint 1.0 and the new one 0.0."""
+
+    name = "rigged"
+    version = "v1"
+
+    def __init__(self, parent_ids: set[str]):
+        self.parent_ids = parent_ids
+
+    def judge(self, items):
+        from annotators.base import CandidateScore, Verdict
+
+        return [Verdict(i.prompt_id, "ok", [CandidateScore(c.candidate_id, overall=1.0 if c.candidate_id in
+                                                           self.parent_ids else 0.0) for c in i.candidates])
+                for i in items]
+
+
+def test_if_not_worse_does_not_promote_a_worse_round(tmp_path, tiny_model_dir, monkeypatch):
+    from annotators import registry
+    from backend.generate import candidate_id
+
+    ws = make_ws(tmp_path, tiny_model_dir, **{"round.promote": "if_not_worse", "round.eval_judge": "rigged"})
+    heldout = [r[0] for r in q(ws, "SELECT prompt_id FROM prompts WHERE split = 'heldout'")]
+    parent_ids = {candidate_id(1, "c0", p, "original", 0) for p in heldout}
+    monkeypatch.setitem(registry.JUDGES, "rigged", lambda config, root: PreferFirstCheckpoint(parent_ids))
+    assert cli_main(["round", "start", "-w", str(ws), "--rounds", "1", "--quiet"]) == 0
+    (promoted, reason), = q(ws, "SELECT promoted, promote_reason FROM rounds WHERE round_id = 1")
+    assert promoted is False and "0 wins, 2 losses" in reason
+    assert q(ws, "SELECT wins, losses FROM evals WHERE round_id = 1") == [(0, 2)]
+    # the next round starts again from the last promoted checkpoint: the base
+    assert q(ws, "SELECT policy_checkpoint_id FROM rounds WHERE round_id = 2") == [("c0",)]
