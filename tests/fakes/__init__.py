@@ -1,0 +1,1 @@
+"""Fakes of external services for tests and benchmarks (real clients, fake servers)."""
