@@ -201,6 +201,55 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    Migration(
+        2,
+        "review_queue_claims_login_throttle",
+        """
+        -- The review queue: one row per (round, order, prompt); ``rank`` 0.. is the serving order,
+        -- computed when candidates/judgments are ingested (storage.review.refresh_queue), not per request.
+        CREATE TABLE review_queue (
+            round_id    INTEGER NOT NULL,
+            queue_order VARCHAR NOT NULL,
+            prompt_id   VARCHAR NOT NULL,
+            rank        INTEGER NOT NULL,
+            priority    DOUBLE,                       -- the order's raw key (disagreement, margin, ...)
+            computed_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        -- One row per round whose queue was computed; ``version`` changes with every refresh so a
+        -- server's in-memory copy of the ranks knows when to reload them.
+        CREATE TABLE review_queue_state (
+            round_id    INTEGER PRIMARY KEY,
+            version     VARCHAR NOT NULL,
+            n_prompts   INTEGER NOT NULL,
+            judge       VARCHAR,
+            computed_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+        );
+        -- Who holds a prompt: at most ``overlap`` slots (0..overlap-1) per (round, prompt) and one row
+        -- per annotator. A live claim expires at ``expires_at``; a submitted one is ``done`` and keeps its
+        -- slot; a skip moves to a negative slot (``skipped``: holds no place, keeps the annotator off it).
+        CREATE TABLE review_claims (
+            round_id   INTEGER NOT NULL,
+            prompt_id  VARCHAR NOT NULL,
+            slot       INTEGER NOT NULL,
+            annotator  VARCHAR NOT NULL,
+            status     VARCHAR NOT NULL CHECK (status IN ('live', 'done', 'skipped')),
+            claimed_at TIMESTAMP NOT NULL,
+            expires_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (round_id, prompt_id, slot),
+            UNIQUE (round_id, prompt_id, annotator)
+        );
+        -- Failed logins per user name (exponential delay after a few failures).
+        CREATE TABLE login_throttle (
+            name            VARCHAR PRIMARY KEY,
+            failures        INTEGER NOT NULL,
+            last_failure_at TIMESTAMP NOT NULL,
+            locked_until    TIMESTAMP
+        );
+        -- The review screen looks up one prompt's judgments and pairwise verdicts per request.
+        CREATE INDEX judgments_candidate_idx ON judgments (candidate_id);
+        CREATE INDEX pairwise_first_idx ON pairwise_verdicts (first_id);
+        """,
+    ),
 ]
 
 
