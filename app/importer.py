@@ -434,6 +434,11 @@ def apply_plan(ws: Workspace, plan: ImportPlan) -> ImportResult:
     result.new_prompts = counts["prompts"]
     result.candidates = counts["candidates"]
     result.preferences = counts["labels"]
+    if counts["candidates"]:
+        from storage import review, rounds
+
+        cur = ws.cursor()
+        review.refresh_queue(cur, rounds.current_round(cur)["round_id"], ws.config.pairs.judge)
     return result
 
 

@@ -12,7 +12,7 @@ from backend.jobs import CancelCheck, EventHandler, Job, python_module, write_co
 from backend.models import default_device
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from storage import config as cfgmod
-from storage import generation, rounds
+from storage import generation, review, rounds
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
                      cancel=cancel).wait()
         added = generation.ingest_candidates_parquet(cur, run_dir / "candidates.parquet",
                                                      origin="eval" if eval_origin else None)
+        if not eval_origin:
+            review.refresh_queue(cur, round_id, ws.config.pairs.judge)
         summary = {"round_id": round_id, "checkpoint_id": ckpt_id, "prompts": len(todo), "candidates": added,
                    "seconds": round(result.seconds, 1), **{f"job_{k}": v for k, v in result.summary.items()}}
         rounds.finish_step(cur, round_id, step, "done", summary=summary)

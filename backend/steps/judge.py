@@ -23,7 +23,7 @@ from backend.progress import write_atomic
 from backend.steps.common import step_dir, tracked_step
 from storage import config as cfgmod
 from storage import judgments as jstore
-from storage import rounds
+from storage import review, rounds
 from storage.errors import UsageError
 from storage.workspace import Workspace
 
@@ -149,6 +149,7 @@ def run_judge(ws: Workspace, judge_name: str, *, round_id: int | None = None, li
         verdicts = _run(judge, items, on_event)
         jrows, prows = verdict_rows(items, verdicts, judge_name, version)
         jstore.write_judgments(cur, jrows, prows)
+        review.refresh_queue(cur, round_id, config.pairs.judge)
         for r in jrows:
             summary[r["status"]] += 1
         summary.update(prompts=len(items), candidates=len(jrows), pairwise_verdicts=len(prows),
