@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 
-from storage.errors import PrefloopError
+from storage.errors import PrefloopError, WorkspaceInUse
 
 # name -> (module, one-line description). Keep README's command table in sync (tests check it).
 COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("app.commands.init", "create a workspace folder (config, database, image store)"),
+    "demo": ("app.commands.demo", "build a demo workspace of real photos with scored answers and start the studio"),
     "import": ("app.commands.import_", "import prompts (JSONL, image folder, Parquet) with optional candidates"),
     "export": ("app.commands.export", "export read-only SQL results or preference pairs (TRL / LLaVA format)"),
     "snapshot": ("app.commands.snapshot", "write a consistent copy of the database for notebooks and tools"),
@@ -27,13 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pairs": ("app.commands.pairs", "build the round's chosen/rejected pairs with a pair strategy"),
     "train": ("app.commands.train", "train one DPO round on the frozen pairs (LoRA or full)"),
     "serve": ("app.commands.serve", "run the review studio (Gradio app with login) as the workspace's owner"),
-    "users": ("app.commands.users", "manage studio users: users add|list|passwd|remove"),
+    "users": ("app.commands.users", "manage studio users: users add|list|passwd|remove|role"),
     "round": ("app.commands.round", "run the loop: round start|resume|status|cancel (pairs, train, eval, generate, judge)"),
     "judge": ("app.commands.judge", "score the round's candidates with a judge (gemini, critic, reference)"),
     "agreement": ("app.commands.agreement", "how far judges agree with each other and with human labels"),
 }
 
-NO_WORKSPACE_FLAG = {"init"}
+NO_WORKSPACE_FLAG = {"init", "demo"}
 
 
 def _add_workspace(p: argparse.ArgumentParser) -> None:
@@ -84,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(module.run(args) or 0)
+    except WorkspaceInUse as err:
+        # While `prefloop serve` owns the workspace, the lead's commands run inside it (app/forward.py).
+        from app.forward import forward
+
+        code = forward(argv, args)
+        if code is not None:
+            return code
+        print(_red(f"prefloop {known.command}: {err}"), file=sys.stderr)
+        return err.exit_code
     except PrefloopError as err:
         print(_red(f"prefloop {known.command}: {err}"), file=sys.stderr)
         return err.exit_code

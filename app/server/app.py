@@ -19,8 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.server import AppContext, auth, review
-from app.server import admin_api, data_tab, export_tab, rounds_tab
+from app.server import AppContext, admin_api, auth, data_tab, export_tab, review, rounds_tab
 from app.server.runner import studio_of
 from storage import users as users_db
 
