@@ -116,12 +116,17 @@ def parse_tree(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict]:
     return tree["statements"]
 
 
+SECRET_TABLES = frozenset({"users", "login_throttle"})
+"""Never readable through exports: password hashes and login state."""
+
+
 def workspace_tables(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
-    """Lower-cased names of the tables and views in schema ``main`` of the current database."""
+    """Lower-cased names of the tables and views in schema ``main`` of the current database, less the
+    tables that hold secrets (a query naming one is refused like an unknown table)."""
     rows = con.execute(
         "SELECT table_name FROM information_schema.tables "
         "WHERE table_catalog = current_database() AND table_schema = 'main'").fetchall()
-    return frozenset(r[0].lower() for r in rows)
+    return frozenset(r[0].lower() for r in rows) - SECRET_TABLES
 
 
 def information_schema_views(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
@@ -193,6 +198,8 @@ class _Walker:
             raise UnsafeQuery(f"{name!r} looks like a file path or URL; the export reads only workspace tables, "
                               "never files")
         shown = ", ".join(sorted(self.tables))
+        if name.lower() in SECRET_TABLES:
+            raise UnsafeQuery(f"{name!r} holds passwords or login state and is never exported")
         raise UnsafeQuery(f"{name!r} is not a table of this workspace (tables: {shown})")
 
     def _table_function(self, fn: dict) -> None:

@@ -195,8 +195,8 @@ def test_legit_select_accepted_and_runs(ws, sql, expected):
 def test_show_and_describe_are_allowed(ws):
     names = run_query(ws.cursor(), "SHOW TABLES").column("name").to_pylist()
     assert "pairs" in names and "users" in names
-    cols = run_query(ws.cursor(), "DESCRIBE users").column("column_name").to_pylist()
-    assert cols[:2] == ["name", "role"]
+    cols = run_query(ws.cursor(), "DESCRIBE prompts").column("column_name").to_pylist()
+    assert cols[:3] == ["prompt_id", "image_id", "question"]
 
 
 def test_allow_list_is_small():
@@ -239,3 +239,18 @@ def test_nothing_changed_after_hostile_queries(ws, tmp_path):
         run_query(cur, sql)
     assert checksum(cur) == before
     assert list(tmp_path.iterdir()) == [], "no file was written by a refused query"
+
+
+def test_secret_tables_never_exported(tmp_path):
+    from storage.errors import UnsafeQuery
+    from storage.sqlguard import check_select
+    from storage.workspace import init_workspace
+
+    ws = init_workspace(tmp_path / "w")
+    try:
+        for sql in ("SELECT * FROM users", "SELECT password_hash FROM main.users",
+                    "SELECT * FROM prompts WHERE prompt_id IN (SELECT name FROM users)", "SELECT * FROM login_throttle"):
+            with pytest.raises(UnsafeQuery, match="never exported"):
+                check_select(ws.con, sql)
+    finally:
+        ws.close()

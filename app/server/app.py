@@ -89,7 +89,7 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int | None = 7860, *,
         allowed_paths=[str(ctx.ws.lay.images), str(studio_of(ctx).downloads)], blocked_paths=blocked_paths(ctx),
         prevent_thread_lock=True, show_error=True, quiet=quiet, root_path=root_path,
         css=(STATIC / "review.css").read_text(encoding="utf-8"), head=page_head(),
-        footer_links=["api"], ssr_mode=False, enable_monitoring=False, mcp_server=False, max_file_size="1mb",
+        footer_links=["api"], ssr_mode=False, enable_monitoring=False, mcp_server=False, max_file_size="500mb",
         run_history=False, share=False, inbrowser=False,
     )
     log.info("prefloop serve: %s on %s", ctx.ws.root, url)
