@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_red(f"prefloop {known.command}: interrupted"), file=sys.stderr)
         return 130
+    finally:
+        # Collect reference cycles (tracebacks holding DuckDB cursors) while DuckDB is still loaded;
+        # left to interpreter shutdown they make nanobind print leak warnings.
+        import gc
+
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -32,13 +32,27 @@ def replace_draft_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, rows: lis
 
 
 def insert_pairs(cur: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+    """Bulk-insert pair rows through a registered Arrow table (one statement, not one per row)."""
     if not rows:
         return
-    cur.executemany(
-        f"INSERT INTO pairs ({', '.join(PAIR_COLUMNS)}) VALUES ({', '.join('?' * len(PAIR_COLUMNS))})",
-        [[r["round_id"], r["prompt_id"], r["chosen_id"], r["rejected_id"], r["source"], r["strategy"],
-          r.get("margin"), _js(r.get("rubric_delta")), _js(r.get("chosen_scores")), _js(r.get("rejected_scores"))]
-         for r in rows])
+    import uuid
+
+    import pyarrow as pa
+
+    table = pa.table({
+        "round_id": pa.array([r["round_id"] for r in rows], pa.int32()),
+        **{c: pa.array([r[c] for r in rows], pa.string()) for c in ("prompt_id", "chosen_id", "rejected_id",
+                                                                       "source", "strategy")},
+        "margin": pa.array([r.get("margin") for r in rows], pa.float64()),
+        **{c: pa.array([_js(r.get(c)) for r in rows], pa.string()) for c in ("rubric_delta", "chosen_scores",
+                                                                           "rejected_scores")},
+    })
+    name = f"_pairs_{uuid.uuid4().hex}"
+    cur.register(name, table)
+    try:
+        cur.execute(f"INSERT INTO pairs ({', '.join(PAIR_COLUMNS)}) SELECT {', '.join(PAIR_COLUMNS)} FROM {name}")
+    finally:
+        cur.unregister(name)
 
 
 def freeze(cur: duckdb.DuckDBPyConnection, round_id: int) -> int:

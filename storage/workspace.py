@@ -175,7 +175,11 @@ def open_workspace(root: str | os.PathLike, command: str = "prefloop", migrate: 
     lay = require_workspace(root)
     config = cfgmod.load(lay.config)
     for d in SUBDIRS:
-        (lay.root / d).mkdir(exist_ok=True)
+        try:
+            (lay.root / d).mkdir(exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot use {lay.root / d} as the workspace's {d}/ folder: "
+                             f"{err.strerror or err}; it must be a writable folder") from None
     con = connect_owner(lay, command)
     if migrate:
         migrations.migrate(con)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
 
 from app.commands._ws import actor, workspace_for
@@ -12,9 +11,6 @@ from app.progress import TerminalEvents
 from backend import loop
 from storage import audit, rounds
 from storage import config as cfgmod
-from storage.errors import ConfigError, UsageError
-
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "backend" / "recipes"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,22 +32,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
 
 
-def load_overrides(recipe: str | None, config: Path | None) -> dict:
+def load_overrides(recipe: str | None, config: Path | None, base: cfgmod.WorkspaceConfig | None = None) -> dict:
+    """The config overrides of a packaged recipe (by name) or of an override file (``--config``).
+
+    Both go through ``backend.recipes``: validated on load (an unknown key is named), the ``[recipe]``
+    metadata dropped, and the ``[tiny]`` table applied when the policy model of ``base`` (the workspace
+    config) is ``tiny``; on a real policy model a recipe also checks the models it needs are real.
+    """
+    from backend import recipes
+
     if recipe:
-        path = RECIPES_DIR / f"{recipe}.toml"
-        if not path.is_file():
-            known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
-            raise UsageError(f"unknown recipe {recipe!r}; known: {', '.join(known) or 'none'}")
+        loaded = recipes.load(recipe)
+    elif config is not None:
+        loaded = recipes.load_file(config, require_meta=False)
     else:
-        path = config
-    if path is None:
         return {}
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: {err}") from None
-    data.pop("recipe", None)  # descriptive metadata of a recipe file
-    return data
+    base = base or cfgmod.WorkspaceConfig()
+    return loaded.resolve(base)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -100,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "status":
             return _status(ws, args.json)
         if args.action == "start":
-            apply_overrides(ws, load_overrides(args.recipe, args.config), args.recipe or str(args.config))
+            apply_overrides(ws, load_overrides(args.recipe, args.config, ws.config),
+                            args.recipe or str(args.config))
             audit.record(cur, actor(), "round.start", {"rounds": args.rounds, "recipe": args.recipe})
             _print_result(_run(ws, args.rounds, args.quiet, args.verbose))
             return 0

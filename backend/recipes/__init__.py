@@ -1,0 +1,179 @@
+"""Packaged recipes: published training recipes as TOML files of workspace-config overrides.
+
+A recipe file (``backend/recipes/NAME.toml``, run with ``prefloop round start --recipe NAME``) holds:
+
+- ``[recipe]``: metadata (``RecipeMeta``): the paper, its authors and year, what a real run needs
+  (GPU memory, an API key's environment variable), its default number of rounds, and the model names
+  a real run must set in ``prefloop.toml``;
+- every other table: overrides of ``WorkspaceConfig`` sections (``[generation]``, ``[pairs]``, ...);
+- ``[tiny]``: further overrides applied only when the workspace's policy model is ``tiny`` (smaller
+  LoRA ranks, short answers, one local process), so every recipe also runs end to end on this machine.
+
+The registry is the folder: ``RECIPES`` maps each ``*.toml`` stem to its file. Files are validated
+when loaded: an unknown key, in the metadata, the overrides or ``[tiny]``, is a ``ConfigError`` that
+names it. A plain override file (``round start --config FILE``) goes through the same loader with the
+metadata optional.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from storage import config as cfgmod
+from storage.errors import ConfigError, UsageError
+
+RECIPE_DIR = Path(__file__).resolve().parent
+META_TABLE = "recipe"
+TINY_TABLE = "tiny"
+TINY_MODEL = "tiny"
+BUILTIN_MODELS = ("tiny", "demo")
+
+RECIPES: dict[str, Path] = {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
+"""name -> recipe file (every TOML file in this folder)."""
+
+
+class RecipeMeta(BaseModel):
+    """The ``[recipe]`` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    name: str
+    """The recipe's name: its file name without ``.toml``."""
+    title: str
+    """One line: what the recipe is."""
+    paper: str
+    """The paper (or report) the recipe follows."""
+    authors: list[str] = Field(min_length=1)
+    """The paper's authors."""
+    year: int = Field(ge=2000, le=2100)
+    """The paper's year."""
+    url: str | None = None
+    """Where to read the paper."""
+    gpu_memory: str
+    """GPU memory a real run needs (an estimate for the 7B models the paper used)."""
+    api_key: str = ""
+    """The environment variable of an API key a real run needs (empty: none)."""
+    default_rounds: int = Field(1, ge=1)
+    """Rounds the paper ran (`prefloop round start --rounds N`)."""
+    models: list[str] = ["policy.model"]
+    """Config keys naming models a real run must set in prefloop.toml (built-in names only on tiny/demo)."""
+
+
+class _MetaTable(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: RecipeMeta
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded, validated recipe file."""
+
+    path: Path
+    meta: RecipeMeta | None
+    overrides: dict[str, Any]
+    tiny: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name if self.meta else self.path.stem
+
+    def overrides_for(self, policy_model: str) -> dict[str, Any]:
+        """The overrides for a workspace whose policy model is ``policy_model`` (``[tiny]`` on tiny)."""
+        return merge(self.overrides, self.tiny) if policy_model == TINY_MODEL else dict(self.overrides)
+
+    def resolve(self, base: cfgmod.WorkspaceConfig) -> dict[str, Any]:
+        """The overrides for the workspace config ``base``, checked: the result validates, and on a real
+        policy model every model the recipe needs is set to a real model too."""
+        over = self.overrides_for(base.policy.model)
+        resolved = cfgmod.validate(merge(base.model_dump(), over), self.source)
+        if resolved.policy.model not in BUILTIN_MODELS and self.meta is not None:
+            for key in self.meta.models:
+                value = _get(resolved.model_dump(), key)
+                if value in BUILTIN_MODELS:
+                    raise ConfigError(
+                        f"recipe {self.name} runs policy {resolved.policy.model!r} but {key} is the built-in "
+                        f"{value!r}: set {key} in prefloop.toml to a real model (see the comment at the top "
+                        f"of {self.path})")
+        return over
+
+    @property
+    def source(self) -> str:
+        return f"recipe {self.name} ({self.path})" if self.meta else str(self.path)
+
+    def command(self) -> str:
+        rounds = self.meta.default_rounds if self.meta else 1
+        return f"prefloop round start --recipe {self.name} --rounds {rounds}"
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top, table by table (a new dict; the inputs are not changed)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _get(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_overrides(over: dict, source: str) -> None:
+    """Raise ConfigError naming any unknown or invalid key: the overrides must validate over the defaults."""
+    cfgmod.validate(merge(cfgmod.WorkspaceConfig().model_dump(), over), source)
+
+
+def load_file(path: Path, *, require_meta: bool = True) -> Recipe:
+    """Read and validate a recipe (or, with ``require_meta=False``, a plain override file)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw_meta = data.pop(META_TABLE, None)
+    tiny = data.pop(TINY_TABLE, None) or {}
+    meta = None
+    if raw_meta is not None or require_meta:
+        if not isinstance(raw_meta, dict):
+            raise ConfigError(f"{path}: a recipe needs a [{META_TABLE}] table of metadata "
+                              f"({', '.join(RecipeMeta.model_fields)})")
+        try:
+            meta = _MetaTable.model_validate({META_TABLE: raw_meta}).recipe
+        except ValidationError as err:  # keys named in full: "recipe.year: ..."
+            raise ConfigError(cfgmod.format_validation_error(err, str(path))) from None
+        if meta.name != path.stem:
+            raise ConfigError(f"{path}: recipe.name is {meta.name!r} but the file is {path.name}; they must match")
+    if not isinstance(tiny, dict):
+        raise ConfigError(f"{path}: [{TINY_TABLE}] must be a table of overrides")
+    _check_overrides(data, str(path))
+    _check_overrides(merge(data, tiny), f"{path} [{TINY_TABLE}]")
+    return Recipe(path=path, meta=meta, overrides=data, tiny=tiny)
+
+
+def names() -> list[str]:
+    """The packaged recipes' names, sorted."""
+    return sorted(RECIPES)
+
+
+def load(name: str) -> Recipe:
+    """The packaged recipe ``name``; a UsageError listing the recipes when there is none."""
+    path = RECIPES.get(name)
+    if path is None:
+        raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(names()) or 'none'}")
+    return load_file(path)
+
+
+def all_recipes() -> list[Recipe]:
+    return [load(n) for n in names()]
