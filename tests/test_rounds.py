@@ -198,3 +198,17 @@ def test_if_not_worse_does_not_promote_a_worse_round(tmp_path, tiny_model_dir, m
     assert q(ws, "SELECT wins, losses FROM evals WHERE round_id = 1") == [(0, 2)]
     # the next round starts again from the last promoted checkpoint: the base
     assert q(ws, "SELECT policy_checkpoint_id FROM rounds WHERE round_id = 2") == [("c0",)]
+
+
+@pytest.mark.slow
+def test_round_with_two_deepspeed_cpu_ranks(tmp_path, tiny_model_dir):
+    """One round whose training step runs the deepspeed launcher with 2 CPU ranks (ZeRO-3, gloo)."""
+    ws = make_ws(tmp_path, tiny_model_dir, **{"train.launcher": "deepspeed", "train.num_processes": 2,
+                                              "train.batch_size": 1, "round.eval_judge": None})
+    assert cli_main(["round", "start", "-w", str(ws), "--rounds", "1", "--quiet"]) == 0
+    assert q(ws, "SELECT status FROM rounds WHERE round_id = 1") == [("done",)]
+    log = (ws / "runs" / "r001" / "train" / "job.log").read_text()
+    assert "deepspeed.launcher.runner" in log and "--num_gpus 2" in log
+    meta = json.loads((ws / "checkpoints" / "r001" / "meta.json").read_text())
+    assert meta["parent_id"] == "c0"
+    assert q(ws, "SELECT count(*) > 0 FROM train_metrics WHERE round_id = 1")[0][0]
