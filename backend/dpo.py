@@ -5,15 +5,24 @@ to TRL's ``loss_type`` list through the ``LOSSES`` registry; precisions map to T
 ``PRECISIONS``. Completions are capped here, before TRL sees them, because TRL 1.16 has no
 ``max_completion_length`` and truncates whole sequences from the end (which would cut the answer, or
 for a long prompt the image tokens): a pair that does not fit ``max_length`` is skipped and counted.
+
+Reference log-probs come from ``backend.ref_cache`` when the job has a cache folder: TRL 1.16 refuses
+``precompute_ref_log_probs`` for vision data, so ``CachedRefDPOTrainer`` (a thin ``DPOTrainer``
+subclass) looks each batch's pairs up, runs TRL's own ``compute_ref_log_probs`` only for a batch with a
+miss, and hands the values to TRL's loss through the batch. ``check_trl_internals`` names the TRL
+member to revisit if a TRL upgrade changes what the subclass relies on.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,13 +165,23 @@ def _sequence_lengths(collator, row: dict) -> tuple[int, int]:
     return int(prompt.max()), int(total.max())
 
 
-def build_dataset(pairs: list[dict], processor, train: TrainConfig):
+REF_KEY = "ref_key"
+"""Dataset column (and example key) holding a pair's reference-cache key."""
+REF_KEYS = "ref_keys"
+"""Batch key holding the list of the batch's reference-cache keys (removed before the model sees the batch)."""
+
+RefKeyFn = Callable[[str, dict], str]
+"""(image_path, TRL row as fed) -> the pair's reference-cache key."""
+
+
+def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: RefKeyFn | None = None):
     """TRL vision preference rows for the pairs that fit, in a seeded shuffled order, and the counts.
 
     ``pairs``: dicts with image_path, question, chosen_text, rejected_text. Answers are capped at
     ``max_completion_length`` tokens; prompts are never cut; a pair still longer than ``max_length``
     (prompt with image tokens + longer answer, chat template included) is skipped, as is a pair whose
-    two answers are the same text.
+    two answers are the same text. With ``ref_key`` each row also gets its reference-cache key in the
+    ``ref_key`` column (computed from the row as fed, i.e. after capping).
     """
     import datasets
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
@@ -194,6 +213,8 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig):
             continue
         stats.truncated_answers += int(cut_c) + int(cut_r)
         stats.longest = max(stats.longest, total_len)
+        if ref_key is not None:
+            row[REF_KEY] = ref_key(pair["image_path"], row)
         rows.append(row)
     stats.used = len(rows)
     random.Random(train.seed).shuffle(rows)
@@ -201,7 +222,8 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig):
                              "content": datasets.List({"type": datasets.Value("string"),
                                                        "text": datasets.Value("string")})})
     features = datasets.Features({"images": datasets.List(image_feature), "prompt": message,
-                                  "chosen": message, "rejected": message})
+                                  "chosen": message, "rejected": message,
+                                  **({REF_KEY: datasets.Value("string")} if ref_key is not None else {})})
     dataset = datasets.Dataset.from_list(rows, features=features) if rows else None
     return dataset, stats
 
@@ -234,15 +256,177 @@ def _metrics_callback_class():
     return MetricsCallback
 
 
-def build_trainer(model, ref_model, processor, dataset, args, peft_config, metrics_path: Path):
-    """The DPOTrainer, with our metrics callback instead of the printing/progress-bar ones."""
+# ---- reference log-prob cache -------------------------------------------------------------------------
+
+# What CachedRefDPOTrainer relies on in TRL 1.16.0, member by member: a parameter list, and source
+# fragments that must still be there. check_trl_internals() names the member whose contract changed.
+TRL_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "DPOTrainer._compute_loss": ("self", "model", "inputs", "return_outputs"),
+    "DPOTrainer.compute_ref_log_probs": ("self", "model", "inputs"),
+    "DPOTrainer._set_signature_columns_if_needed": ("self",),
+}
+TRL_SOURCE: dict[str, tuple[str, ...]] = {
+    # the loss takes the reference log-probs from the batch when this flag is set, and keeps them out of
+    # the model's keyword arguments
+    "DPOTrainer._compute_loss": ('if self.precompute_ref_logps:', 'inputs["ref_chosen_logps"]',
+                                 'inputs["ref_rejected_logps"]',
+                                 '_non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}'),
+    # the flag is a plain attribute copied from the config (we set it after __init__); TRL still refuses the
+    # config switch for vision data, which is why this subclass exists
+    "DPOTrainer.__init__": ("self.precompute_ref_logps = args.precompute_ref_log_probs",
+                            "`precompute_ref_log_probs=True` is not supported for vision datasets"),
+    # the reference forward the cache replaces: adapter-disabled policy or ref_model, no grad
+    "DPOTrainer.compute_ref_log_probs": ("use_adapter(", "torch.no_grad()", "return ref_logps.chunk(2, dim=0)"),
+    "DPOTrainer._set_signature_columns_if_needed": ("self._signature_columns = [",),
+}
+
+
+@functools.cache
+def check_trl_internals() -> None:
+    """Raise JobFailed naming the TRL member whose signature or body no longer matches what
+    ``CachedRefDPOTrainer`` overrides or reads (TRL is pinned exactly; this guards an upgrade)."""
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    def member(dotted: str):
+        obj = DPOTrainer
+        for part in dotted.split(".")[1:]:
+            obj = getattr(obj, part, None)
+            if obj is None:
+                raise JobFailed(f"TRL changed: {dotted} no longer exists; backend.dpo.CachedRefDPOTrainer relies on it "
+                                "(reference log-prob cache). Re-read trl/trainer/dpo_trainer.py and update it, or "
+                                "run without ref_cache_dir")
+        return obj
+
+    for dotted, params in TRL_SIGNATURES.items():
+        got = tuple(inspect.signature(member(dotted)).parameters)
+        if got != params:
+            raise JobFailed(f"TRL changed: {dotted}{got} no longer has the parameters {params} that "
+                            "backend.dpo.CachedRefDPOTrainer overrides; update it to the new TRL")
+    for dotted, needles in TRL_SOURCE.items():
+        source = inspect.getsource(member(dotted))
+        for needle in needles:
+            if needle not in source:
+                raise JobFailed(f"TRL changed: {dotted} no longer contains {needle!r}, which "
+                                "backend.dpo.CachedRefDPOTrainer relies on; update it to the new TRL")
+    if tuple(inspect.signature(DataCollatorForVisionPreference.torch_call).parameters) != ("self", "examples"):
+        raise JobFailed("TRL changed: DataCollatorForVisionPreference.torch_call(self, examples) has a new signature; "
+                        "backend.dpo.KeyedCollator wraps it")
+
+
+@dataclass
+class KeyedCollator:
+    """Wraps TRL's vision collator: takes each example's cache key out and hands the keys on in the batch."""
+
+    inner: Callable
+
+    def __call__(self, examples: list[dict]) -> dict:
+        keys = [example.pop(REF_KEY) for example in examples]
+        batch = self.inner(examples)
+        batch[REF_KEYS] = keys
+        return batch
+
+
+@functools.cache
+def _cached_trainer_class():
+    import torch
+    from trl import DPOTrainer
+
+    class CachedRefDPOTrainer(DPOTrainer):
+        """DPOTrainer whose reference log-probs come from a RefLogpCache; only misses run a reference forward.
+
+        Overrides ``_compute_loss`` (fills ``inputs["ref_chosen_logps"/"ref_rejected_logps"]``, then lets
+        TRL's loss read them with ``precompute_ref_logps`` on) and ``_set_signature_columns_if_needed``
+        (keeps the ``ref_key`` column); wraps ``data_collator`` in KeyedCollator.
+        """
+
+        def __init__(self, *args, ref_cache, reference_available: bool, **kwargs):
+            check_trl_internals()
+            super().__init__(*args, **kwargs)
+            self.ref_cache = ref_cache
+            self.reference_available = reference_available
+            self.data_collator = KeyedCollator(self.data_collator)
+            self.precompute_ref_logps = True  # TRL's loss now reads the values we put in the batch
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if REF_KEY not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, REF_KEY]
+
+        def _need_forward(self, missing: int) -> bool:
+            """True when any rank misses a pair: under ZeRO-3 a forward is collective, so all ranks run it."""
+            if self.accelerator.num_processes == 1:
+                return missing > 0
+            flag = torch.tensor([missing], device=self.accelerator.device)
+            return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            keys = inputs.pop(REF_KEYS)
+            cache = self.ref_cache
+            hits = [cache.get(k) for k in keys]
+            missing = sum(h is None for h in hits)
+            if self._need_forward(missing):
+                if not self.reference_available:
+                    raise JobFailed(f"{missing} pair(s) have no cached reference log-probs, but the reference model "
+                                    "was not loaded (every pair was cached when the job started); delete "
+                                    f"{cache.folder} and retry the train step")
+                ref = self.ref_model if self.ref_model is not None else self.model
+                chosen, rejected = self.compute_ref_log_probs(ref, inputs)
+                cache.stats.ref_forwards += 1
+                computed = list(zip(chosen.float().tolist(), rejected.float().tolist()))
+                cache.put_many([(k, c, r, {}) for k, (c, r), h in zip(keys, computed, hits) if h is None])
+                cache.stats.computed += missing
+                hits = [h if h is not None else got for h, got in zip(hits, computed)]
+            cache.stats.served += len(keys) - missing
+            device = self.accelerator.device
+            inputs["ref_chosen_logps"] = torch.tensor([h[0] for h in hits], dtype=torch.float32, device=device)
+            inputs["ref_rejected_logps"] = torch.tensor([h[1] for h in hits], dtype=torch.float32, device=device)
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    return CachedRefDPOTrainer
+
+
+NO_REFERENCE = ("the reference model was not loaded because every pair's reference log-probs were cached, "
+                "yet a reference forward was asked for")
+
+
+def no_reference_model(config):
+    """A stand-in for the reference model of a full fine-tune whose pairs are all cached: it holds no
+    weights, and calling it fails loudly (TRL would otherwise load a second copy of the model)."""
+    import torch
+
+    def refuse(module, args):
+        raise JobFailed(NO_REFERENCE)
+
+    stand_in = torch.nn.Module()
+    stand_in.config = config
+    stand_in.forward = lambda *args, **kwargs: refuse(None, args)
+    stand_in.register_forward_pre_hook(refuse)
+    return stand_in
+
+
+def build_trainer(model, ref_model, processor, dataset, args, peft_config, metrics_path: Path, ref_cache=None,
+                  reference_available: bool = True):
+    """The DPOTrainer, with our metrics callback instead of the printing/progress-bar ones.
+
+    With ``ref_cache`` (a ``backend.ref_cache.RefLogpCache``; the dataset then has a ``ref_key`` column)
+    it is a CachedRefDPOTrainer. ``reference_available`` is False when the job did not load the
+    reference because every pair was cached; a full fine-tune then gets a weightless stand-in.
+    """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import DPOTrainer
 
+    kwargs = {"args": args, "train_dataset": dataset, "processing_class": processor, "peft_config": peft_config,
+              "callbacks": [_metrics_callback_class()(metrics_path)]}
+    if ref_cache is not None:
+        if ref_model is None and peft_config is None and not reference_available:
+            ref_model = no_reference_model(model.config)
+        cls, kwargs = _cached_trainer_class(), {**kwargs, "ref_cache": ref_cache,
+                                                 "reference_available": reference_available}
+    else:
+        cls = DPOTrainer
     try:
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                             processing_class=processor, peft_config=peft_config,
-                             callbacks=[_metrics_callback_class()(metrics_path)])
+        trainer = cls(model=model, ref_model=ref_model, **kwargs)
     except ValueError as err:
         if "Target modules" in str(err) or "target_modules" in str(err):
             raise JobFailed(f"train.lora_target matches no module of the model: {err}") from None

@@ -3,6 +3,10 @@
 In RUN_DIR: ``config.json`` (see ``JobConfig``: the paths and ids of the round plus every field of
 ``storage.config.TrainConfig`` at top level, ``device`` and ``dtype``) and ``pairs.parquet`` (prompt_id,
 chosen_id, rejected_id, image_path, question, chosen_text, rejected_text).
+With ``ref_cache_dir`` set, each pair's reference log-probs are looked up in that folder first
+(``backend.ref_cache``) and the missing ones are appended as they are computed; when every pair is
+cached the reference model is not even loaded (with LoRA the reference is the policy with its
+adapter disabled, so that saves the forward passes, not memory).
 Out: the checkpoint folder ``output_dir`` (written as ``<output_dir>.tmp`` then renamed) holding the
 weights (LoRA adapter, full weights, or merged weights with the adapter kept in ``adapter/``), the
 processor, ``meta.json`` and ``train_config.json``; and ``RUN_DIR/metrics.jsonl`` (one row per step).
@@ -28,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backend import dpo
+from backend import dpo, ref_cache
 from backend.progress import emit, parse_line, read_config, write_atomic
 from backend.progress import log as log_event
 from storage.config import TrainConfig, format_validation_error
@@ -65,6 +69,8 @@ class JobConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_steps: int = -1
     """Stop after this many optimizer steps (tests, smoke runs); -1 runs `epochs` in full."""
+    ref_cache_dir: str | None = None
+    """Folder of the reference log-prob cache (kept across retries of the round); None: no cache."""
     train: TrainConfig
 
 
@@ -150,6 +156,20 @@ def no_pairs_message(stats, train: TrainConfig) -> str:
             "(raise train.max_length or lower train.max_completion_length)")
 
 
+def open_ref_cache(job: JobConfig, processor) -> tuple[ref_cache.RefLogpCache | None, dpo.RefKeyFn | None]:
+    """The job's reference log-prob cache and its key function, or (None, None) without a cache folder."""
+    if not job.ref_cache_dir:
+        return None, None
+    reference = ref_cache.resolve_model_folder(job.ref_model_path or job.model_path)
+    if reference is None:
+        log_event(f"reference log-prob cache off: {job.ref_model_path or job.model_path} is not a local folder")
+        return None, None
+    context = ref_cache.make_context(reference, processor, dtype=job.dtype, max_length=job.train.max_length,
+                                     max_completion_length=job.train.max_completion_length)
+    cache = ref_cache.RefLogpCache(job.ref_cache_dir)
+    return cache, context.row_key
+
+
 def train(run_dir: Path) -> dict:
     started = time.time()
     # ---- setup -------------------------------------------------------------------------------------
@@ -175,19 +195,30 @@ def train(run_dir: Path) -> dict:
                           max_steps=job.max_steps, deepspeed_config=ds_config)
     set_seed(cfg.seed)
     processor = load_processor(job.model_path)
-    dataset, stats = dpo.build_dataset(pairs, processor, cfg)
+    cache, ref_key = open_ref_cache(job, processor)
+    dataset, stats = dpo.build_dataset(pairs, processor, cfg, ref_key=ref_key)
     if dataset is None:
         raise JobFailed(no_pairs_message(stats, cfg))
     log_event(f"{stats.used} of {stats.total} pairs used, skipped {stats.skipped}, "
               f"{stats.truncated_answers} answers capped at {cfg.max_completion_length} tokens, "
               f"longest sequence {stats.longest} tokens")
+    # Every rank reads the cache here, before the (collective) model loading, and nothing is appended
+    # before training starts: all ranks take the same decision.
+    cached = 0 if cache is None else stats.used - len(cache.missing(set(dataset[dpo.REF_KEY])))
+    all_cached = cache is not None and cached == stats.used
+    # under DeepSpeed a full fine-tune still loads its reference (the stand-in cannot be partitioned)
+    skip_reference = all_cached and (cfg.lora or ds_config is None)
+    if cache is not None:
+        log_event(f"reference log-probs: {cached} of {stats.used} pairs cached in {cache.folder}, "
+                  f"{stats.used - cached} to compute" + ("; the reference model is not loaded" if skip_reference else ""))
 
     t0 = time.time()
     model = load_model(job.model_path, dtype=job.dtype)
-    ref_model = None if same_folder(job.model_path, job.ref_model_path) else load_model(job.ref_model_path,
-                                                                                          dtype=job.dtype)
+    separate_ref = not same_folder(job.model_path, job.ref_model_path) and not skip_reference
+    ref_model = load_model(job.ref_model_path, dtype=job.dtype) if separate_ref else None
     peft_config = dpo.lora_config(cfg, model) if cfg.lora else None
-    trainer = dpo.build_trainer(model, ref_model, processor, dataset, args, peft_config, metrics_path)
+    trainer = dpo.build_trainer(model, ref_model, processor, dataset, args, peft_config, metrics_path,
+                                ref_cache=cache, reference_available=not skip_reference)
     zero = f", DeepSpeed ZeRO-{args.deepspeed_plugin.zero_stage}" if args.deepspeed_plugin else ""
     log_event(f"loaded policy{'' if ref_model is None else ' and reference'} in {time.time() - t0:.1f} s; "
               f"{'LoRA' if cfg.lora else 'full'} DPO, loss {'+'.join(cfg.loss)}, world size {args.world_size}{zero}")
@@ -203,6 +234,11 @@ def train(run_dir: Path) -> dict:
     trainer.save_model(str(weights_dir))  # every rank: ZeRO-3 gathers the shards; rank 0 writes
     summary = {"pairs_used": stats.used, "pairs_skipped": stats.skipped_total, "steps": steps,
                "train_loss": train_loss, "kind": kind, "output_dir": str(output_dir)}
+    if cache is not None:
+        summary["ref_cache"] = {"pairs_cached_at_start": cached, "reference_available": not skip_reference,
+                                **cache.stats.as_dict()}
+        log_event(f"reference log-probs: {cache.stats.served} pair-steps served from the cache, "
+                  f"{cache.stats.computed} pairs computed in {cache.stats.ref_forwards} reference forwards")
     if main:
         (weights_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; train_config.json records it
         processor.save_pretrained(weights_dir)
@@ -214,6 +250,7 @@ def train(run_dir: Path) -> dict:
                 "reference": cfg.reference, "pairs_total": stats.total, "pairs_used": stats.used,
                 "pairs_skipped": stats.skipped_total, "skipped": stats.skipped,
                 "answers_truncated": stats.truncated_answers, "steps": steps, "train_loss": train_loss,
+                "ref_cache": summary.get("ref_cache"),
                 "versions": library_versions(), "config": resolved}
         if kind == "merged":
             write_atomic(weights_dir / "meta.json", json.dumps({**meta, "kind": "adapter"}, indent=2))

@@ -55,6 +55,8 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
         "ref_model_path": str(checkpoint_path(ws, ref_id)), "output_dir": str(out_dir), "round_id": round_id,
         "checkpoint_id": checkpoint_id, "parent_id": parent_id, "base_model": base["base_model"],
         "pairs_hash": pairs_hash(rows), "device": default_device(), "dtype": ws.config.policy.dtype,
+        # beside the run folder, which every attempt recreates: a retry reuses the reference log-probs
+        "ref_cache_dir": str(ws.lay.round_dir(round_id) / "ref_cache"),
     }
     write_config(run_dir, config)
     argv = launch.train_command(run_dir, train)
