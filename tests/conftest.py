@@ -53,5 +53,5 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input:
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `prefloop ARGS` in a real subprocess (as a user would)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=cwd or REPO, env=full_env,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], check=False, cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, input=input, timeout=timeout)
