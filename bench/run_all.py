@@ -27,6 +27,8 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
+import threading
 import sys
 import time
 from dataclasses import dataclass, field
@@ -183,7 +185,8 @@ def figures(stdout: str) -> list[str]:
     out = []
     for ln in stdout.splitlines():
         s = ln.rstrip()
-        if not s or s.startswith(RESULT_PREFIX) or "\r" in s or re.search(r"\d+%\|", s) or LOG_LINE.match(s):
+        if (not s or s.startswith(RESULT_PREFIX) or "\r" in s or re.search(r"\d+%\|", s) or LOG_LINE.match(s)
+                or s.lstrip().startswith('{"event": ')):  # a job's progress/metrics events
             continue
         out.append(s)
     return out
@@ -196,16 +199,30 @@ def run_one(name: str, quick: bool, m: dict) -> dict:
     load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **b.env}
-    try:
-        proc = subprocess.run(argv, check=False, cwd=REPO, capture_output=True, text=True, timeout=b.timeout_s, env=env)
-        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as err:
-        rc = None
-        stdout = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        stderr = f"timed out after {b.timeout_s:.0f} s"
+    # Streamed, so a long benchmark shows its lines as they come (and in bench/out/<name>.log).
+    log_path = BENCH_DIR / "out" / f"{name}.log"
+    log_path.parent.mkdir(exist_ok=True)
+    lines: list[str] = []
+    with log_path.open("w") as log_file, tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+        timer = threading.Timer(b.timeout_s, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                log_file.write(line)
+                log_file.flush()
+                if figures(line):
+                    print(f"   | {line.rstrip()}", flush=True)
+            proc.wait()
+        finally:
+            timer.cancel()
+        timed_out = proc.returncode is not None and proc.returncode < 0 and time.perf_counter() - t0 >= b.timeout_s
+        rc = None if timed_out else proc.returncode
+        err_file.seek(0)
+        stderr = f"timed out after {b.timeout_s:.0f} s" if timed_out else err_file.read()
+    stdout = "".join(lines)
     wall = time.perf_counter() - t0
-    for ln in figures(stdout):
-        print(f"   {ln}")
     if rc != 0:
         tail = [ln for ln in stderr.splitlines() if ln.strip()][-5:]
         print(f"   FAILED (exit {rc}): " + " | ".join(tail), flush=True)
