@@ -8,8 +8,9 @@ score, pairwise wins) plus ``overall`` normalised to 0-1, used for pairing and d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 STATUSES = ("ok", "invalid", "error")

@@ -43,7 +43,7 @@ class TerminalEvents:
         else:
             print(text, file=sys.stderr)
 
-    def __enter__(self) -> "TerminalEvents":
+    def __enter__(self) -> TerminalEvents:
         return self
 
     def __exit__(self, *exc) -> None:

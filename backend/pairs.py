@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 HCC = ("helpfulness", "correctness", "coherence")

@@ -27,9 +27,9 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import threading
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

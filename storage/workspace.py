@@ -149,7 +149,7 @@ class Workspace:
                 except OSError:
                     pass
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Workspace:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,8 +9,8 @@ opening (and failing on) the database lock.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from storage.workspace import Workspace, open_workspace
 

@@ -12,10 +12,9 @@ import argparse
 import time
 from pathlib import Path
 
-from storage import export
-from storage.errors import UsageError
 from app.commands._ws import actor, workspace_for
-from storage import audit
+from storage import audit, export
+from storage.errors import UsageError
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "llava"}
 

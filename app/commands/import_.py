@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from app.commands._ws import actor, workspace_for
 from app.importer import import_path
+from storage import audit
 from storage.errors import ImportRejected
 from storage.images import DEFAULT_MAX_MEGAPIXELS
-from app.commands._ws import actor, workspace_for
-from storage import audit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from storage import export
 from app.commands._ws import workspace_for
+from storage import export
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
