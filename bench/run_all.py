@@ -89,6 +89,10 @@ BENCHES: dict[str, Bench] = {
         "ref_cache.py", "one DPO epoch with the reference log-prob cache (demo model, LoRA + projector)",
         "TRL's own loop, a reference forward on every step (uncached), same pairs and seed",
         quick=("--model", "tiny", "--pairs", "8", "--repeats", "1"), slow=True),
+    "vision_probe": Bench(
+        "vision_probe.py", "diagnostic: shape colour read by a linear probe from the demo model's untrained vision features",
+        "the majority class, and the same probe on raw 16x16 pixels",
+        quick=("--images", "200")),
     "loop_learns": Bench(
         "loop_learns.py", "the loop learns: held-out easy-vqa accuracy over 3 rounds (demo model, reference judge)",
         "c(r-1) in each round, and a blind control workspace whose pictures are all gray",
