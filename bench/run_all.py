@@ -40,7 +40,8 @@ RESULTS_MD = BENCH_DIR / "RESULTS.md"
 DATA_OPEN, DATA_CLOSE = "<!-- run_all results (kept for the next run; do not edit)", "-->"
 RESULT_PREFIX = "RESULT "
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(DEBUG|INFO|WARNING)\]")  # library log records
-HEADLINE = re.compile(r"\b(ratio|speed-up|vs uncached|exact c\d+ )", re.IGNORECASE)
+HEADLINE = re.compile(r"\b(ratio|speed-up|vs uncached|blank at round \d+:|majority class|projector features, probe)",
+                      re.IGNORECASE)
 
 
 @dataclass(frozen=True)
