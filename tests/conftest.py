@@ -55,3 +55,26 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "app.cli", *args], check=False, cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, input=input, timeout=timeout)
+
+
+def review_workspace(root: Path, tiny_model_dir: Path, rows: list[dict], changes: dict, name: str | None = None):
+    """An open workspace on `tiny` with ``rows`` imported (``prefloop import`` JSONL rows whose ``image`` names
+    a file already under ``root/data``) and ``changes`` applied to the config; round 1 stands at its review
+    step (the answers were imported, so generate and judge have nothing to do)."""
+    import json
+
+    from app.importer import import_path
+    from storage import config as cfgmod
+    from storage import rounds
+    from storage.workspace import init_workspace
+
+    data = root / "data"
+    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = cfgmod.WorkspaceConfig(policy=cfgmod.PolicyConfig(model="tiny"), **({"name": name} if name else {}))
+    ws = init_workspace(root / "ws", cfgmod.update(base, changes))
+    shutil.copytree(tiny_model_dir, ws.lay.checkpoints / "c0")
+    cur = ws.cursor()
+    rounds.ensure_first_round(cur, base_model="tiny")
+    import_path(ws, data / "q.jsonl", progress=False)
+    rounds.set_round(cur, 1, step="review")
+    return ws

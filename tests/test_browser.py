@@ -7,25 +7,20 @@ Screenshots of the review screen and the Rounds tab go to ``$PREFLOOP_SCREENSHOT
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from app.importer import import_path
 from app.server import AppContext
 from app.server.app import launch
 from app.server.runner import studio_of
-from storage import config as cfgmod
 from storage import prompts as prompts_db
 from storage import rounds
 from storage import users as users_db
-from storage.workspace import init_workspace
-from tests.conftest import make_image
+from tests.conftest import make_image, review_workspace
 from tests.test_server import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -59,15 +54,8 @@ def browser_workspace(root: Path, tiny_model_dir: Path):
                      "question": f"Shape {i}: what colour is it? {XSS_IMG}",
                      "candidates": [f"It is red, shape {i}.", f"Maybe blue {XSS_SCRIPT}", f"Green {XSS_IMG}"],
                      "chosen": 0, "rejected": 1})
-    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = cfgmod.update(cfgmod.WorkspaceConfig(name="browser demo", policy=cfgmod.PolicyConfig(model="tiny")),
-                        ROUND_CONFIG)
-    ws = init_workspace(root / "ws", cfg)
-    shutil.copytree(tiny_model_dir, ws.lay.checkpoints / "c0")
+    ws = review_workspace(root, tiny_model_dir, rows, ROUND_CONFIG, name="browser demo")
     cur = ws.cursor()
-    rounds.ensure_first_round(cur, base_model="tiny")
-    import_path(ws, data / "q.jsonl", progress=False)
-    rounds.set_round(cur, 1, step="review")
     users_db.add_user(cur, "lead", "admin", "lead-password")
     users_db.add_user(cur, "ann", "annotator", "ann-password")
     return ws

@@ -6,9 +6,7 @@ died with its owner, the interrupted step is marked failed, and `round resume` f
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +16,11 @@ import time
 import psutil
 from gradio_client import Client
 
-from app.importer import import_path
-from storage import config as cfgmod
 from storage import prompts as prompts_db
 from storage import rounds
 from storage import users as users_db
-from storage.workspace import init_workspace, open_workspace
-from tests.conftest import REPO, make_image, run_cli
+from storage.workspace import open_workspace
+from tests.conftest import REPO, make_image, review_workspace, run_cli
 from tests.test_server import _wait_port, free_port, shown
 
 N_PROMPTS = 40
@@ -42,14 +38,8 @@ def build(root, tiny_model_dir):
         rows.append({"id": f"q{i}", "image": f"img{i}.png", "question": f"What colour is shape {i}?",
                      "candidates": [f"It is red ({i}).", f"Blue, I think ({i}).", f"Green ({i})."],
                      "chosen": 0, "rejected": 1})
-    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = cfgmod.update(cfgmod.WorkspaceConfig(policy=cfgmod.PolicyConfig(model="tiny")), CONFIG)
-    ws = init_workspace(root / "ws", cfg)
-    shutil.copytree(tiny_model_dir, ws.lay.checkpoints / "c0")
+    ws = review_workspace(root, tiny_model_dir, rows, CONFIG)
     cur = ws.cursor()
-    rounds.ensure_first_round(cur, base_model="tiny")
-    import_path(ws, data / "q.jsonl", progress=False)
-    rounds.set_round(cur, 1, step="review")
     users_db.add_user(cur, "lead", "admin", "lead-password")
     for name in ("ann", "bob"):
         users_db.add_user(cur, name, "annotator", f"{name}-password")
