@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app backend annotators storage tests bench
+	$(BIN)/ruff check core app backend annotators storage tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -18,7 +18,7 @@ Three modes, entries of the plain registry ``MODES`` (``judges.critic.mode`` in 
 
 Templates live in ``annotators/templates/critic_<mode>_v1.txt``; the judge version stored with each
 judgment is ``<mode>-v1`` (rubric: ``rubric-v1+<rubric.TEMPLATE_VERSION>``), so modes and template
-revisions never collide. The critic runs as a job subprocess (``backend.critic_job``) through the
+revisions never collide. The critic runs as a job subprocess (``backend.jobs.critic``) through the
 same engine interface as the policy (greedy); this module builds its requests and turns its raw
 replies into Verdicts. A reply that does not parse makes that candidate ``invalid`` with the raw
 reply kept; nothing here raises for a bad reply.
@@ -283,7 +283,7 @@ class CriticJudge:
     name = NAME
 
     def __init__(self, config, workspace_root: Path, mode: str | None = None):
-        from storage.errors import UsageError
+        from core.errors import UsageError
 
         self.config = config
         self.root = Path(workspace_root)
@@ -322,7 +322,7 @@ class CriticJudge:
         import pyarrow.parquet as pq
 
         from backend import critic_job
-        from backend.jobs import Job, python_module, write_config
+        from backend.job_runner import Job, python_module, write_config
         from backend.models import default_device
 
         items = [self._resolve(i) for i in items]
@@ -340,7 +340,7 @@ class CriticJudge:
             "max_new_tokens": critic.max_new_tokens, "mode": self.mode, "judge_version": self.version,
             "tensor_parallel_size": policy.tensor_parallel_size,
         })
-        Job(python_module("backend.critic_job", str(run_dir)), run_dir, on_event=self.on_event).wait()
+        Job(python_module("backend.jobs.critic", str(run_dir)), run_dir, on_event=self.on_event).wait()
         replies = [CriticReply(**row) for row in critic_job.read_replies(run_dir)]
         log.info("critic %s: %d replies for %d prompts", self.version, len(replies), len(items))
         return aggregate(items, self.mode, replies)

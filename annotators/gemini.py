@@ -52,8 +52,8 @@ from annotators import rubric
 from annotators.base import METRICS, CandidateScore, JudgeItem, Verdict, rubric_overall
 from annotators.judge_cache import JudgeCache, cache_key
 from annotators.ratelimit import RateLimiter, SlidingWindowLimiter
-from storage.config import GeminiConfig, WorkspaceConfig
-from storage.errors import ConfigError
+from core.config import GeminiConfig, WorkspaceConfig
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from storage.errors import PrefloopError
+from core.errors import PrefloopError
 
 log = logging.getLogger(__name__)
 

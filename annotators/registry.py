@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from annotators.base import Judge
-from storage.config import WorkspaceConfig
-from storage.errors import UsageError
+from core.config import WorkspaceConfig
+from core.errors import UsageError
 
 JudgeFactory = Callable[[WorkspaceConfig, Path], Judge]
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from storage.errors import UsageError
+from core.errors import UsageError
 
 ORIGINAL = "original"
 AUG_PREFIX = "aug"

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from storage.errors import PrefloopError, WorkspaceInUse
+from core.errors import PrefloopError, WorkspaceInUse
 
 # name -> (module, one-line description). Keep README's command table in sync (tests check it).
 COMMANDS: dict[str, tuple[str, str]] = {

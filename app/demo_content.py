@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from storage.errors import UsageError
+from core.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ import argparse
 import getpass
 import importlib
 import json
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -119,19 +118,9 @@ def rewrite_paths(argv: list[str], cwd: Path | None = None) -> list[str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def admin_info(root: Path) -> dict | None:
     """The running app's {url, pid} when admin.json names a live process that owns the workspace."""
-    from storage.workspace import layout, read_owner
+    from core.layout import layout, pid_alive, read_owner
 
     try:
         info = json.loads((root / INFO_NAME).read_text())
@@ -140,7 +129,7 @@ def admin_info(root: Path) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     owner = read_owner(layout(root)) or {}
-    if not _pid_alive(pid) or owner.get("pid") != pid:
+    if not pid_alive(pid) or owner.get("pid") != pid:
         return None  # left behind by an app that stopped
     return {"url": url, "pid": pid}
 
@@ -182,7 +171,7 @@ def forward(argv: list[str], args: argparse.Namespace) -> int | None:
         return None
     except OSError:
         return None
-    from storage.errors import PrefloopError
+    from core.errors import PrefloopError
 
     try:
         stdin = _stdin_for(args)

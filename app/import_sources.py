@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.errors import UsageError
+from core.errors import UsageError
 
 log = logging.getLogger(__name__)
 

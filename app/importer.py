@@ -33,10 +33,10 @@ import duckdb
 from tqdm import tqdm
 
 from app.import_sources import ROW_KEYS, RawRow, open_source
+from core.errors import ImportRejected, PrefloopError, UsageError
 from storage import images as images_db
 from storage import prompts as prompts_db
 from storage import rounds
-from storage.errors import ImportRejected, PrefloopError, UsageError
 from storage.images import BadImage, ImageStager
 from storage.workspace import Workspace
 

@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from storage.errors import ModelNotAvailable
+from core.errors import ModelNotAvailable
 
 log = logging.getLogger(__name__)
 

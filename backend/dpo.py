@@ -1,6 +1,6 @@
 """Everything prefloop asks of TRL (pinned exactly): loss registry, DPOConfig, dataset, trainer, metrics.
 
-``backend.train`` reads top to bottom and calls these; no other module imports ``trl``. Our loss names map
+``backend.jobs.train`` reads top to bottom and calls these; no other module imports ``trl``. Our loss names map
 to TRL's ``loss_type`` list through the ``LOSSES`` registry; precisions map to Trainer flags through
 ``PRECISIONS``. Completions are capped here, before TRL sees them, because TRL 1.16 has no
 ``max_completion_length`` and truncates whole sequences from the end (which would cut the answer, or
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from backend.progress import emit, progress
-from storage.config import TrainConfig
-from storage.errors import JobFailed
-from storage.trl_format import trl_row
+from core.config import TrainConfig
+from core.errors import JobFailed
+from core.trl_format import trl_row
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Command lines that start the training job; pure functions (the owner runs them and reads stdout).
 
-``local``: one process, ``python -m backend.train RUN_DIR``.
+``local``: one process, ``python -m backend.jobs.train RUN_DIR``.
 ``deepspeed``: DeepSpeed's own launcher, run as ``python -m deepspeed.launcher.runner`` (the same program
 as the ``deepspeed`` script, but tied to this interpreter whatever PATH says) with ``--module
-backend.train``. It starts ``num_processes`` ranks per node (``--num_gpus N``: on a machine without GPUs
+backend.jobs.train``. It starts ``num_processes`` ranks per node (``--num_gpus N``: on a machine without GPUs
 the ranks are CPU processes, DeepSpeed's CPU accelerator, gloo) and appends ``--local_rank=N`` to each
-rank's argv, which backend.train accepts and ignores. With a hostfile (MPI style, ``host slots=N``) it
+rank's argv, which backend.jobs.train accepts and ignores. With a hostfile (MPI style, ``host slots=N``) it
 starts ``num_processes`` ranks on every host listed, over pdsh/ssh; prefloop must be installed at the same
 path on each host.
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from storage.config import TrainConfig
+from core.config import TrainConfig
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -26,7 +26,7 @@ class Launcher(Protocol):
 
 
 def local_command(run_dir: Path, train: TrainConfig, *, python: str, master_port: int) -> list[str]:
-    return [python, "-m", "backend.train", str(run_dir)]
+    return [python, "-m", "backend.jobs.train", str(run_dir)]
 
 
 def deepspeed_command(run_dir: Path, train: TrainConfig, *, python: str, master_port: int) -> list[str]:
@@ -34,7 +34,7 @@ def deepspeed_command(run_dir: Path, train: TrainConfig, *, python: str, master_
     if train.hostfile:
         cmd += ["--hostfile", str(train.hostfile)]
     cmd += ["--num_gpus", str(train.num_processes), "--master_port", str(master_port),
-            "--module", "backend.train", str(run_dir)]
+            "--module", "backend.jobs.train", str(run_dir)]
     return cmd
 
 

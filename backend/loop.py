@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backend.jobs import EventHandler
+from backend.job_runner import EventHandler
 from backend.steps.generate import run_generate
 from backend.steps.pairs import run_pairs
 from backend.steps.train import run_train
+from core.errors import PrefloopError, UsageError
 from storage import rounds
-from storage.errors import PrefloopError, UsageError
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)

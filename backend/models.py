@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from storage.errors import ModelNotAvailable
+from core.errors import ModelNotAvailable
 
 log = logging.getLogger(__name__)
 

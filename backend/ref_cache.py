@@ -1,7 +1,7 @@
 """The reference log-prob cache: each pair's reference log-probs, computed once and kept on disk.
 
 TRL 1.16 refuses ``precompute_ref_log_probs`` for vision datasets, so without this a retried or re-run
-round runs the reference forward pass again on every step. The training job (``backend.train``) looks
+round runs the reference forward pass again on every step. The training job (``backend.jobs.train``) looks
 every pair up here first; the trainer (``backend.dpo.CachedRefDPOTrainer``) computes only the missing
 ones, with TRL's own ``compute_ref_log_probs``, and appends them as they are computed, so a job killed
 half way keeps what it paid for.

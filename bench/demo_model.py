@@ -111,7 +111,7 @@ def dpo_step(path: Path, prompts, steps: int, workdir: Path) -> dict:
 
     from backend.dpo import build_dataset
     from backend.models import load_model, load_processor
-    from storage.config import TrainConfig
+    from core.config import TrainConfig
 
     processor = load_processor(path)
     model = load_model(path)

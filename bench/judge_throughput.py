@@ -35,7 +35,7 @@ from PIL import Image
 from annotators.base import METRICS, CandidateText, JudgeItem
 from annotators.gemini import GeminiJudge
 from annotators.ratelimit import SlidingWindowLimiter, max_in_window
-from storage.config import GeminiConfig
+from core.config import GeminiConfig
 from tests.fakes.gemini_server import FakeGemini, FakeGeminiProcess, default_scores
 
 KEY = "bench-fake-key"

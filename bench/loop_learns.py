@@ -28,11 +28,11 @@ from pathlib import Path
 import common
 
 from backend.loop import run_rounds
-from storage import config as cfgmod
+from core import config as cfgmod
+from core.errors import UsageError
 from storage import judgments as jstore
 from storage import prompts as pstore
 from storage import rounds
-from storage.errors import UsageError
 from storage.workspace import init_workspace
 
 COLORS = {"red", "green", "blue", "yellow", "teal", "brown", "black", "gray"}

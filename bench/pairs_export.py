@@ -36,10 +36,10 @@ import pyarrow.parquet as pq
 
 from backend.pairs import PairOptions, build_pairs
 from backend.steps.pairs import load_items
+from core.trl_format import trl_row
 from storage import pairs as pairstore
 from storage import rounds
 from storage.export import export_pairs
-from storage.trl_format import trl_row
 from storage.workspace import init_workspace
 
 JUDGE = "gemini"

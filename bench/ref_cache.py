@@ -26,7 +26,7 @@ from pathlib import Path
 import common
 
 from backend import dpo, ref_cache
-from storage.config import TrainConfig
+from core.config import TrainConfig
 
 QUESTIONS = ["What is in the image?", "Describe the picture in one sentence.", "What do you see here?"]
 

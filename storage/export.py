@@ -31,10 +31,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.errors import QueryTimeout, UnsafeQuery, UsageError
+from core.trl_format import llava_row, trl_row
 from storage.db import fetch_all, scalar
-from storage.errors import QueryTimeout, UnsafeQuery, UsageError
 from storage.sqlguard import check_select
-from storage.trl_format import llava_row, trl_row
 
 log = logging.getLogger(__name__)
 

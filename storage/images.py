@@ -21,8 +21,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from core.errors import PrefloopError
 from storage.db import fetch_one, scalar
-from storage.errors import PrefloopError
 
 log = logging.getLogger(__name__)
 

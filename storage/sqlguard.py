@@ -32,7 +32,7 @@ from typing import Any
 
 import duckdb
 
-from storage.errors import UnsafeQuery
+from core.errors import UnsafeQuery
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from datetime import datetime, timedelta
 
 import duckdb
 
+from core.errors import UsageError
 from storage.db import fetch_all, scalar
-from storage.errors import UsageError
 
 log = logging.getLogger(__name__)
 

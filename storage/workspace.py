@@ -20,89 +20,19 @@ from pathlib import Path
 
 import duckdb
 
-from storage import config as cfgmod
+from core import config as cfgmod
+from core.errors import UsageError, WorkspaceInUse
+from core.layout import DB_NAME, OWNER_NAME, SUBDIRS, Layout, layout, pid_alive, read_owner, require_workspace  # noqa: F401  (re-exported for the owner's callers)
 from storage import migrations
-from storage.errors import NotAWorkspace, UsageError, WorkspaceInUse
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "prefloop.duckdb"
-OWNER_NAME = "owner.json"
-SUBDIRS = ("images", "runs", "checkpoints")
 DEFAULT_MEMORY_LIMIT = "2GB"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Paths inside a workspace folder."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / cfgmod.CONFIG_NAME
-
-    @property
-    def db(self) -> Path:
-        return self.root / DB_NAME
-
-    @property
-    def owner(self) -> Path:
-        return self.root / OWNER_NAME
-
-    @property
-    def images(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def runs(self) -> Path:
-        return self.root / "runs"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    def round_dir(self, round_id: int) -> Path:
-        return self.runs / f"r{round_id:03d}"
-
-    def is_workspace(self) -> bool:
-        return self.config.is_file()
-
-
-def layout(root: str | os.PathLike) -> Layout:
-    return Layout(Path(root).expanduser().resolve())
-
-
-def require_workspace(root: str | os.PathLike) -> Layout:
-    lay = layout(root)
-    if not lay.is_workspace():
-        raise NotAWorkspace(
-            f"{lay.root} is not a prefloop workspace (no {cfgmod.CONFIG_NAME}); "
-            f"create one with `prefloop init {root}` or pass -w DIR"
-        )
-    return lay
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_owner(lay: Layout) -> dict | None:
-    try:
-        return json.loads(lay.owner.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _in_use_message(lay: Layout, duck_msg: str) -> str:
     info = read_owner(lay)
-    if info and info.get("pid") and _pid_alive(int(info["pid"])):
+    if info and info.get("pid") and pid_alive(int(info["pid"])):
         return f"the workspace {lay.root} is in use by {info.get('command', 'another process')}, pid {info['pid']}"
     m = re.search(r"PID (\d+)", duck_msg)
     who = f"pid {m.group(1)}" if m else "another process"

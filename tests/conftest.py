@@ -64,7 +64,7 @@ def review_workspace(root: Path, tiny_model_dir: Path, rows: list[dict], changes
     import json
 
     from app.importer import import_path
-    from storage import config as cfgmod
+    from core import config as cfgmod
     from storage import rounds
     from storage.workspace import init_workspace
 

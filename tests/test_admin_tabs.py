@@ -19,10 +19,10 @@ from app.server import AppContext, data_tab, export_tab, rounds_tab
 from app.server import review as rv
 from app.server.app import launch
 from app.server.runner import studio_of
+from core.errors import AuthError, UnsafeQuery, UsageError
 from storage import audit, rounds, sqlguard
 from storage import pairs as pairs_db
 from storage import prompts as prompts_db
-from storage.errors import AuthError, UnsafeQuery, UsageError
 from storage.studio import EXAMPLE_QUERIES
 from tests.conftest import make_image
 from tests.test_review_handlers import build_workspace

@@ -103,7 +103,7 @@ def test_rubric_shapes(text, expected):
 
 
 def test_parser_registry_covers_every_critic_mode():
-    from storage.config import CriticConfig
+    from core.config import CriticConfig
 
     modes = set(CriticConfig.model_fields["mode"].annotation.__args__)
     assert set(PARSERS) == modes

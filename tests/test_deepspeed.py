@@ -12,30 +12,30 @@ from conftest import REPO
 from test_train import make_pairs, make_run, weight
 
 from backend.launch import train_command
-from storage.config import TrainConfig
+from core.config import TrainConfig
 
 
 def test_launcher_command_lines():
     py = "/venv/bin/python"
     run_dir = Path("/ws/runs/r001/train")
-    assert train_command(run_dir, TrainConfig(), python=py) == [py, "-m", "backend.train", str(run_dir)]
+    assert train_command(run_dir, TrainConfig(), python=py) == [py, "-m", "backend.jobs.train", str(run_dir)]
 
     ds = TrainConfig(launcher="deepspeed", num_processes=2)
     cmd = train_command(run_dir, ds, python=py, master_port=29711)
     assert cmd == [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29711",
-                   "--module", "backend.train", str(run_dir)]
+                   "--module", "backend.jobs.train", str(run_dir)]
 
     multi = TrainConfig(launcher="deepspeed", num_processes=8, hostfile="/ws/hostfile")
     cmd = train_command(run_dir, multi, python=py)
     assert cmd == [py, "-m", "deepspeed.launcher.runner", "--hostfile", "/ws/hostfile", "--num_gpus", "8",
-                   "--master_port", "29500", "--module", "backend.train", str(run_dir)]
+                   "--master_port", "29500", "--module", "backend.jobs.train", str(run_dir)]
 
     # DeepSpeed's own parser reads it as intended: a module with its argument, N slots per node
     from deepspeed.launcher.runner import parse_args
 
     parsed = parse_args(cmd[3:])
     assert (parsed.hostfile, parsed.num_gpus, parsed.module, parsed.user_script, parsed.user_args) == (
-        "/ws/hostfile", 8, True, "backend.train", [str(run_dir)])
+        "/ws/hostfile", 8, True, "backend.jobs.train", [str(run_dir)])
 
 
 def free_port() -> int:

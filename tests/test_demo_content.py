@@ -10,7 +10,7 @@ from PIL import Image
 
 from app.demo_content import IMAGES, PHOTOS, _heldout, write_demo_import
 from app.importer import import_path
-from storage.errors import UsageError
+from core.errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from backend import demo_model, models
-from storage.errors import ModelNotAvailable
+from core.errors import ModelNotAvailable
 
 needs_package = pytest.mark.skipif(
     importlib.util.find_spec(demo_model.PACKAGE) is None or importlib.util.find_spec("gguf") is None,

@@ -12,8 +12,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from core.errors import UsageError
 from storage import export
-from storage.errors import UsageError
 from storage.workspace import init_workspace
 from tests.conftest import REPO, make_image, run_cli
 

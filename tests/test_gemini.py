@@ -30,8 +30,8 @@ from annotators.base import METRICS, CandidateText, JudgeItem, rubric_overall
 from annotators.gemini import TEMPLATE_VERSION, GeminiJudge, make_gemini
 from annotators.judge_cache import JudgeCache
 from annotators.ratelimit import SlidingWindowLimiter, max_in_window
-from storage.config import GeminiConfig, WorkspaceConfig
-from storage.errors import ConfigError
+from core.config import GeminiConfig, WorkspaceConfig
+from core.errors import ConfigError
 
 KEY = "fake-key-7f3a9c21-do-not-leak"
 

@@ -17,9 +17,9 @@ from PIL import Image
 
 from backend.engines import ENGINES, EngineSpec, GenRequest, HFEngine, SamplingSpec, make_engine
 from backend.engines import vllm as vllm_engine
-from backend.generate import SCHEMA, candidate_id, load_config
-from backend.generate import main as generate_main
-from storage.errors import ConfigError, ModelNotAvailable, UsageError
+from backend.jobs.generate import SCHEMA, candidate_id, load_config
+from backend.jobs.generate import main as generate_main
+from core.errors import ConfigError, ModelNotAvailable, UsageError
 from tests.conftest import REPO, make_image
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -184,7 +184,7 @@ def write_run(run_dir: Path, model_dir: Path, n_prompts: int = 3, **overrides) -
 
 
 def run_job(run_dir: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
-    proc = subprocess.run([sys.executable, "-m", "backend.generate", str(run_dir)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "backend.jobs.generate", str(run_dir)], cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
                           check=False)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]

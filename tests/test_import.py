@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from app.importer import import_path
+from core.errors import ImportRejected, UsageError
 from storage import images as images_db
 from storage import prompts as prompts_db
 from storage import rounds
-from storage.errors import ImportRejected, UsageError
 from storage.workspace import open_workspace
 from tests.conftest import make_image, run_cli
 
@@ -128,7 +128,7 @@ def test_datasets_save_to_disk_and_to_parquet(workspace, tmp_path):
 def test_write_is_one_transaction(workspace, tmp_path):
     """A failure in the last insert (a label whose prompt does not exist) leaves no row at all."""
     from app.importer import apply_plan, plan_import
-    from storage.errors import PrefloopError
+    from core.errors import PrefloopError
 
     make_image(tmp_path / "a.png")
     f = write_jsonl(tmp_path / "d.jsonl", [{"image": "a.png", "question": "q", "chosen": "yes", "rejected": "no"}])

@@ -27,8 +27,8 @@ from PIL import Image
 
 from app.import_sources import ROW_KEYS
 from app.importer import import_path
+from core.errors import ImportRejected, PrefloopError
 from storage import rounds
-from storage.errors import ImportRejected, PrefloopError
 from storage.workspace import init_workspace
 
 # ---- image bytes ------------------------------------------------------------------------------------

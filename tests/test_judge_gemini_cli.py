@@ -7,7 +7,7 @@ import json
 import duckdb
 
 from app.cli import main as cli_main
-from storage import config as cfgmod
+from core import config as cfgmod
 from tests.conftest import make_image
 from tests.fakes.gemini_server import FakeGemini
 

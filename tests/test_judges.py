@@ -23,11 +23,11 @@ from annotators.critic import (
 )
 from annotators.reference import ReferenceJudge, normalize, score_answer
 from annotators.registry import JUDGES, make_judge
-from storage import config as cfgmod
+from core import config as cfgmod
+from core.errors import UsageError
 from storage import judgments as jstore
 from storage import prompts as prompts_db
 from storage import rounds
-from storage.errors import UsageError
 from storage.workspace import init_workspace
 from tests.conftest import make_image, run_cli
 
@@ -258,7 +258,7 @@ def test_candidates_to_judge_and_retry_invalid(workspace, tmp_path):
 
 def test_critic_end_to_end_on_tiny(workspace, tmp_path):
     """The critic job on tiny: noise replies become invalid rows with raw output kept; the batch completes."""
-    from backend.critic_job import OUTPUT
+    from backend.jobs.critic import OUTPUT
     from backend.steps.judge import run_judge
 
     add_prompts(workspace, tmp_path, [("p1", None, ["A red circle.", "A square.", "circle"]),

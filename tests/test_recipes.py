@@ -10,8 +10,8 @@ import pytest
 
 from app.cli import main as cli_main
 from backend import recipes
-from storage import config as cfgmod
-from storage.errors import ConfigError, UsageError
+from core import config as cfgmod
+from core.errors import ConfigError, UsageError
 from tests.conftest import REPO
 from tests.fakes.gemini_server import METRICS, FakeGemini
 from tests.test_rounds import make_ws, q

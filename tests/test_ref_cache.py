@@ -16,8 +16,8 @@ import pytest
 from test_train import make_pairs, make_run, of, run_job
 
 from backend import dpo, ref_cache
-from storage.config import TrainConfig
-from storage.errors import JobFailed
+from core.config import TrainConfig
+from core.errors import JobFailed
 
 TOL = 1e-5
 STEPS = 3  # 6 pairs, batch 2

@@ -14,14 +14,14 @@ import pytest
 from app.server import AppContext
 from app.server import review as rv
 from app.server.auth import Authenticator, require
+from core import config as cfgmod
+from core.errors import AuthError, UsageError
 from storage import audit, rounds
-from storage import config as cfgmod
 from storage import images as images_db
 from storage import pairs as pairs_db
 from storage import prompts as prompts_db
 from storage import review as review_db
 from storage import users as users_db
-from storage.errors import AuthError, UsageError
 from storage.workspace import init_workspace
 from tests.conftest import make_image
 

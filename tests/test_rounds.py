@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from app.cli import main as cli_main
-from storage import config as cfgmod
+from core import config as cfgmod
 from tests.conftest import REPO, make_image
 
 ROUND_CONFIG = {"generation.k": 2, "generation.max_new_tokens": 8, "generation.views": ["original", "aug:hflip"],
@@ -146,7 +146,7 @@ def _wait_for_child(owner: subprocess.Popen, needle: str, timeout: float = 300) 
 # A killed train step: tests/reliability/test_app_kill9.py kills `prefloop serve` while its train job runs
 # (the job dies with it, the step is failed, `round resume` retrains), and test_ref_cache.py re-runs a train
 # job in the same folder; here a killed generate job.
-@pytest.mark.parametrize("victim", ["backend.generate"])
+@pytest.mark.parametrize("victim", ["backend.jobs.generate"])
 def test_kill9_then_resume_matches_uninterrupted(victim, tmp_path, tiny_model_dir, two_rounds):
     ws = make_ws(tmp_path, tiny_model_dir)
     owner = _owner(ws)
@@ -183,7 +183,7 @@ class PreferFirstCheckpoint:
 
 def test_if_not_worse_does_not_promote_a_worse_round(tmp_path, tiny_model_dir, monkeypatch):
     from annotators import registry
-    from backend.generate import candidate_id
+    from backend.jobs.generate import candidate_id
 
     ws = make_ws(tmp_path, tiny_model_dir, **{"round.promote": "if_not_worse", "round.eval_judge": "rigged"})
     heldout = [r[0] for r in q(ws, "SELECT prompt_id FROM prompts WHERE split = 'heldout'")]

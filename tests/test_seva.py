@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from annotators.seva import AUGMENTATIONS, AUTOAUGMENT_OPS, IMAGENET_POLICY, View, apply_view, parse_view
-from storage.errors import UsageError
+from core.errors import UsageError
 
 ALL_VIEWS = ["aug:flip", "aug:hflip", "aug:crop", "aug:autoaugment", "aug:moco", "aug:diffusion:500"]
 

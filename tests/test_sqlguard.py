@@ -7,7 +7,7 @@ import time
 import duckdb
 import pytest
 
-from storage.errors import QueryTimeout, UnsafeQuery
+from core.errors import QueryTimeout, UnsafeQuery
 from storage.export import export_query, read_only_cursor, run_query
 from storage.sqlguard import ALLOWED_TABLE_FUNCTIONS, check_select
 from storage.workspace import init_workspace
@@ -242,7 +242,7 @@ def test_nothing_changed_after_hostile_queries(ws, tmp_path):
 
 
 def test_secret_tables_never_exported(tmp_path):
-    from storage.errors import UnsafeQuery
+    from core.errors import UnsafeQuery
     from storage.sqlguard import check_select
     from storage.workspace import init_workspace
 

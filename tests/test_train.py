@@ -45,7 +45,7 @@ def make_run(root: Path, model_path: Path, pairs: list[dict], ref_model_path: Pa
 
 
 def run_job(run_dir: Path, timeout: float = 600) -> tuple[int, list[dict], str]:
-    proc = subprocess.run([sys.executable, "-m", "backend.train", str(run_dir)], cwd=REPO, check=False,
+    proc = subprocess.run([sys.executable, "-m", "backend.jobs.train", str(run_dir)], cwd=REPO, check=False,
                           capture_output=True, text=True, timeout=timeout)
     events = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is the JSON-lines protocol only
     return proc.returncode, events, proc.stderr
@@ -184,8 +184,8 @@ def test_bad_config_key_is_named(base, tmp_path):
 
 
 def test_adapter_folder_or_foreign_output_is_refused(round1, tmp_path):
-    from backend.train import train
-    from storage.errors import JobFailed
+    from backend.jobs.train import train
+    from core.errors import JobFailed
 
     c1 = Path(of(round1[1], "done")[0]["summary"]["output_dir"])
     run_dir = make_run(tmp_path / "a", c1 / "adapter", make_pairs(tmp_path, 2), checkpoint_id="c2")
@@ -205,7 +205,7 @@ def test_adapter_folder_or_foreign_output_is_refused(round1, tmp_path):
 def test_long_answers_are_capped_and_long_prompts_skipped(tiny_model_dir, tmp_path):
     from backend import dpo
     from backend.models import load_processor
-    from storage.config import TrainConfig
+    from core.config import TrainConfig
 
     processor = load_processor(tiny_model_dir)
     pairs = make_pairs(tmp_path, 4)
@@ -228,8 +228,8 @@ def test_long_answers_are_capped_and_long_prompts_skipped(tiny_model_dir, tmp_pa
 
 def test_unknown_loss_and_weight_mismatch_are_refused():
     from backend import dpo
-    from storage.config import TrainConfig
-    from storage.errors import JobFailed
+    from core.config import TrainConfig
+    from core.errors import JobFailed
 
     with pytest.raises(JobFailed, match="unknown loss type 'kto'.*sigmoid, ipo, hinge, robust, sft"):
         dpo.loss_args(TrainConfig(loss=["kto"]))
@@ -254,7 +254,7 @@ def one_step(tiny_model_dir, tmp_path_factory):
     """Train one step in-process with a given loss setup; returns the logged step-1 row."""
     from backend import dpo
     from backend.models import load_model, load_processor
-    from storage.config import TrainConfig
+    from core.config import TrainConfig
 
     root = tmp_path_factory.mktemp("losses")
     pairs = make_pairs(root, 2)
@@ -293,7 +293,7 @@ def test_each_loss_type_trains_one_step(one_step, setup):
 
 def test_registry_covers_the_configured_loss_names():
     from backend import dpo
-    from storage.config import TrainConfig
+    from core.config import TrainConfig
 
     documented = TrainConfig.model_fields["loss"].description
     assert all(name in documented for name in dpo.LOSSES)

@@ -11,9 +11,9 @@ import sys
 import duckdb
 import pytest
 
-from storage import config as cfgmod
+from core import config as cfgmod
+from core.errors import ConfigError, NotAWorkspace, WorkspaceInUse
 from storage import migrations
-from storage.errors import ConfigError, NotAWorkspace, WorkspaceInUse
 from storage.workspace import init_workspace, open_workspace
 from tests.conftest import REPO, run_cli
 

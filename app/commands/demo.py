@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.progress import TerminalEvents
 from backend.models import check_model_name
-from storage import config as cfgmod
+from core import config as cfgmod
 from storage import rounds
 from storage import users as users_db
 from storage.workspace import init_workspace, layout, open_workspace

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from app.commands._ws import actor, workspace_for
+from core.errors import UsageError
 from storage import audit, export
-from storage.errors import UsageError
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "llava"}
 

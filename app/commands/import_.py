@@ -11,8 +11,8 @@ import sys
 
 from app.commands._ws import actor, workspace_for
 from app.importer import import_path
+from core.errors import ImportRejected
 from storage import audit
-from storage.errors import ImportRejected
 from storage.images import DEFAULT_MAX_MEGAPIXELS
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from backend.models import check_model_name
-from storage import config as cfgmod
+from core import config as cfgmod
 from storage import rounds
 from storage.workspace import init_workspace
 

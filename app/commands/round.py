@@ -9,8 +9,8 @@ from pathlib import Path
 from app.commands._ws import actor, workspace_for
 from app.progress import TerminalEvents
 from backend import loop
+from core import config as cfgmod
 from storage import audit, rounds
-from storage import config as cfgmod
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import argparse
 import logging
 import signal
 
+from core.errors import UsageError
 from storage import users as users_db
-from storage.errors import UsageError
 from storage.workspace import open_workspace
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import getpass
 import sys
 
 from app.commands._ws import actor, workspace_for
+from core.errors import UsageError
 from storage import audit
 from storage import users as users_db
-from storage.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -42,8 +42,8 @@ from fastapi.responses import JSONResponse
 from app.forward import ADMIN_PATH, FORWARDABLE, INFO_NAME, TOKEN_NAME, command_parser, strip_workspace
 from app.server import AppContext
 from app.server.runner import Studio, cancel_round, start_round, studio_of, workspace_copy
+from core.errors import PrefloopError, UsageError
 from storage import audit
-from storage.errors import PrefloopError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class AdminAPI:
         import json as _json
 
         from app.commands import round as round_cmd
-        from storage import config as cfgmod
+        from core import config as cfgmod
         from storage import rounds
 
         args = command_parser("round").parse_args(argv[1:])

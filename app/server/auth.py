@@ -17,9 +17,9 @@ import duckdb
 import gradio as gr
 
 from app.server import AppContext
+from core.errors import AuthError, PrefloopError
 from storage import audit
 from storage import users as users_db
-from storage.errors import AuthError, PrefloopError
 
 log = logging.getLogger(__name__)
 

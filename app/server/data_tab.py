@@ -29,8 +29,8 @@ from app.server import AppContext
 from app.server.auth import as_gr_error, require, user_of
 from app.server.rounds_tab import is_admin, progress_html, run_key
 from app.server.runner import start_judge, studio_of
+from core.errors import ImportRejected, UsageError
 from storage import audit, export, studio
-from storage.errors import ImportRejected, UsageError
 
 log = logging.getLogger(__name__)
 

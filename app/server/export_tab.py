@@ -19,8 +19,8 @@ import pyarrow as pa
 from app.server import AppContext
 from app.server.auth import as_gr_error, require, user_of
 from app.server.runner import studio_of
+from core.errors import PrefloopError, UsageError
 from storage import audit, export, rounds
-from storage.errors import PrefloopError, UsageError
 from storage.studio import EXAMPLE_QUERIES
 
 MAX_PREVIEW_ROWS = 10_000

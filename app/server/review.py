@@ -18,9 +18,9 @@ import gradio as gr
 from app.server import IDLE_CAP_S, AppContext, render
 from app.server.auth import as_gr_error, require, user_of
 from backend import pairs as pair_rules
+from core.errors import UsageError
 from storage import audit
 from storage import review as review_db
-from storage.errors import UsageError
 
 log = logging.getLogger(__name__)
 

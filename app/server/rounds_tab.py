@@ -18,10 +18,10 @@ from app.server import AppContext
 from app.server.auth import as_gr_error, require, user_of
 from app.server.runner import cancel_round, start_round, studio_of
 from backend.loop import ORDER
+from core.errors import UsageError
 from storage import pairs as pairs_db
 from storage import rounds
 from storage import users as users_db
-from storage.errors import UsageError
 
 LOG_SHOWN = 14
 CURVES = {"loss": "loss", "margin": "reward margin", "accuracy": "reward accuracy"}

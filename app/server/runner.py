@@ -25,8 +25,8 @@ from pathlib import Path
 
 from app.server import AppContext
 from backend import loop
+from core.errors import PrefloopError, UsageError
 from storage import audit, rounds
-from storage.errors import PrefloopError, UsageError
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)

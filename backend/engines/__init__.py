@@ -16,7 +16,7 @@ from backend.engines.base import (
 )
 from backend.engines.hf import HFEngine
 from backend.engines.vllm import VLLMEngine
-from storage.errors import UsageError
+from core.errors import UsageError
 
 ENGINES = {"hf": HFEngine, "vllm": VLLMEngine}
 

@@ -21,7 +21,7 @@ from backend.engines.base import (
     derive_seed,
     request_seed,
 )
-from storage.errors import ModelNotAvailable
+from core.errors import ModelNotAvailable
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from backend.engines.base import EngineSpec, GenOutput, GenRequest, SamplingSpec, build_messages, request_seed
-from storage.errors import ModelNotAvailable
+from core.errors import ModelNotAvailable
 
 log = logging.getLogger(__name__)
 

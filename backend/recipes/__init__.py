@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage import config as cfgmod
-from storage.errors import ConfigError, UsageError
+from core import config as cfgmod
+from core.errors import ConfigError, UsageError
 
 RECIPE_DIR = Path(__file__).resolve().parent
 META_TABLE = "recipe"

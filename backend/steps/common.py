@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from backend import models
+from core.errors import JobFailed, PrefloopError
 from storage import rounds
-from storage.errors import JobFailed, PrefloopError
 from storage.workspace import Workspace
 
 

@@ -12,7 +12,7 @@ import logging
 
 from annotators.base import CandidateText, JudgeItem
 from annotators.registry import make_judge
-from backend.jobs import CancelCheck, EventHandler
+from backend.job_runner import CancelCheck, EventHandler
 from backend.steps.common import step_dir, tracked_step
 from backend.steps.generate import run_generate
 from storage import generation, rounds

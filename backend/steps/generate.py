@@ -8,10 +8,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backend.jobs import CancelCheck, EventHandler, Job, python_module, write_config
+from backend.job_runner import CancelCheck, EventHandler, Job, python_module, write_config
 from backend.models import default_device
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
-from storage import config as cfgmod
+from core import config as cfgmod
 from storage import generation, review, rounds
 from storage.workspace import Workspace
 
@@ -51,7 +51,7 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
     }
     write_config(run_dir, config)
     with tracked_step(ws, round_id, step, run_dir):
-        result = Job(python_module("backend.generate", str(run_dir)), run_dir, on_event=on_event,
+        result = Job(python_module("backend.jobs.generate", str(run_dir)), run_dir, on_event=on_event,
                      cancel=cancel).wait()
         added = generation.ingest_candidates_parquet(cur, run_dir / "candidates.parquet",
                                                      origin="eval" if eval_origin else None)

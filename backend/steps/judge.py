@@ -18,13 +18,13 @@ from typing import Protocol, runtime_checkable
 
 from annotators.base import METRICS, CandidateScore, CandidateText, JudgeItem, Verdict
 from annotators.registry import make_judge
-from backend.jobs import EventHandler
+from backend.job_runner import EventHandler
 from backend.progress import write_atomic
 from backend.steps.common import step_dir, tracked_step
-from storage import config as cfgmod
+from core import config as cfgmod
+from core.errors import UsageError
 from storage import judgments as jstore
 from storage import review, rounds
-from storage.errors import UsageError
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from backend.pairs import Candidate, Label, PairOptions, PromptItem, build_pairs
+from core.errors import UsageError
 from storage import pairs as pairstore
 from storage import rounds
-from storage.errors import UsageError
 from storage.workspace import Workspace
 
 

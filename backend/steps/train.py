@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backend import launch
-from backend.jobs import CancelCheck, EventHandler, Job, write_config
+from backend.job_runner import CancelCheck, EventHandler, Job, write_config
 from backend.models import default_device
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
-from storage import config as cfgmod
+from core import config as cfgmod
+from core.errors import UsageError
 from storage import pairs as pairstore
 from storage import rounds
-from storage.errors import UsageError
 from storage.workspace import Workspace
 
 

@@ -74,7 +74,7 @@ def label_until(url: str, name: str, stop: threading.Event, acked: list) -> None
 def train_job(owner: psutil.Process) -> psutil.Process | None:
     for child in owner.children(recursive=True):
         try:
-            if "backend.train" in " ".join(child.cmdline()):
+            if "backend.jobs.train" in " ".join(child.cmdline()):
                 return child
         except psutil.NoSuchProcess:
             continue

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from app.cli import main as cli_main
-from storage import config as cfgmod
+from core import config as cfgmod
 from tests.conftest import REPO, make_image, run_cli
 from tests.fakes.gemini_server import FakeGemini, error, scores
 from tests.test_rounds import make_ws, q
@@ -166,7 +166,7 @@ def test_run_folder_turns_read_only_during_the_generate_job(can_mount, tmp_path,
     ws = make_ws(tmp_path, tiny_model_dir, **FAST)
     before = stored(ws)
     owner = start_owner(ws, "start", "--rounds", "1")
-    wait_for_job(owner, "backend.generate")
+    wait_for_job(owner, "backend.jobs.generate")
     run_dir = ws / "runs" / "r001" / "generate"
     with read_only(run_dir):
         rc, _, err = finish(owner)

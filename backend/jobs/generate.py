@@ -1,6 +1,6 @@
 """The generate job: k candidate answers per prompt from the policy, plus SeVa augmented-view answers.
 
-    python -m backend.generate RUN_DIR
+    python -m backend.jobs.generate RUN_DIR
 
 Reads ``RUN_DIR/config.json`` (see :class:`GenerateJobConfig`) and ``RUN_DIR/prompts.parquet``
 (prompt_id, image_path, question). The ``original`` view gets k samples per prompt with the
@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from annotators.seva import View, apply_view, parse_view
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, derive_seed, make_engine
-from storage.config import format_validation_error
-from storage.errors import ConfigError, PrefloopError, UsageError
+from core.config import format_validation_error
+from core.errors import ConfigError, PrefloopError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def to_parquet_bytes(rows: list[dict]) -> bytes:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        raise UsageError("usage: python -m backend.generate RUN_DIR")
+        raise UsageError("usage: python -m backend.jobs.generate RUN_DIR")
     # ---- setup
     run_dir = Path(argv[0])
     cfg = load_config(run_dir)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.progress import parse_line
-from storage.errors import JobFailed
+from core.errors import JobFailed
 
 log = logging.getLogger(__name__)
 

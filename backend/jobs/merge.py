@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into full weights: ``python -m backend.merge --adapter DIR --base PATH --out DIR``.
+"""Merge a LoRA adapter into full weights: ``python -m backend.jobs.merge --adapter DIR --base PATH --out DIR``.
 
 Runs in a fresh process (merging inside a ZeRO-3 training process fails). Writes into ``--out`` (created
 if missing; callers that need atomicity pass a staging folder): the merged model, loadable with
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from backend.progress import emit, write_atomic
-from storage.errors import ModelNotAvailable, PrefloopError
+from core.errors import ModelNotAvailable, PrefloopError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     sys.stdout = sys.stderr  # keep stdout for job events
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m backend.merge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m backend.jobs.merge", description=__doc__.split("\n")[0])
     parser.add_argument("--adapter", type=Path, required=True, help="LoRA adapter folder (peft save_pretrained)")
     parser.add_argument("--base", required=True, help="folder of the model the adapter was trained on")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the merged model into")

@@ -1,7 +1,7 @@
-"""The DPO training job: ``python -m backend.train RUN_DIR`` (or one rank of the deepspeed launcher).
+"""The DPO training job: ``python -m backend.jobs.train RUN_DIR`` (or one rank of the deepspeed launcher).
 
 In RUN_DIR: ``config.json`` (see ``JobConfig``: the paths and ids of the round plus every field of
-``storage.config.TrainConfig`` at top level, ``device`` and ``dtype``) and ``pairs.parquet`` (prompt_id,
+``core.config.TrainConfig`` at top level, ``device`` and ``dtype``) and ``pairs.parquet`` (prompt_id,
 chosen_id, rejected_id, image_path, question, chosen_text, rejected_text).
 With ``ref_cache_dir`` set, each pair's reference log-probs are looked up in that folder first
 (``backend.ref_cache``) and the missing ones are appended as they are computed; when every pair is
@@ -11,7 +11,7 @@ Out: the checkpoint folder ``output_dir`` (written as ``<output_dir>.tmp`` then 
 weights (LoRA adapter, full weights, or merged weights with the adapter kept in ``adapter/``), the
 processor, ``meta.json`` and ``train_config.json``; and ``RUN_DIR/metrics.jsonl`` (one row per step).
 stdout carries only the JSON-lines job protocol (backend.progress); library output goes to stderr.
-Under deepspeed only rank 0 speaks and writes; the LoRA merge runs in a fresh process (backend.merge).
+Under deepspeed only rank 0 speaks and writes; the LoRA merge runs in a fresh process (backend.jobs.merge).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from backend import dpo, ref_cache
 from backend.progress import emit, parse_line, read_config, write_atomic
 from backend.progress import log as log_event
-from storage.config import TrainConfig, format_validation_error
-from storage.errors import ConfigError, JobFailed, PrefloopError
+from core.config import TrainConfig, format_validation_error
+from core.errors import ConfigError, JobFailed, PrefloopError
 
 log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("prompt_id", "chosen_id", "rejected_id", "image_path", "question", "chosen_text", "rejected_text")
-DS_CONFIGS = Path(__file__).with_name("ds_configs")
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets")
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
                    "MASTER_ADDR", "MASTER_PORT")
@@ -75,7 +75,7 @@ class JobConfig(BaseModel):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m backend.train", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m backend.jobs.train", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="folder with config.json and pairs.parquet")
     # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -138,9 +138,9 @@ def prepare_output(output_dir: Path, checkpoint_id: str) -> Path:
 
 
 def run_merge(adapter_dir: Path, base: str, out: Path, dtype: str) -> None:
-    """backend.merge in a fresh process: merging inside a (ZeRO-3) training process fails."""
+    """backend.jobs.merge in a fresh process: merging inside a (ZeRO-3) training process fails."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
-    cmd = [sys.executable, "-m", "backend.merge", "--adapter", str(adapter_dir), "--base", base,
+    cmd = [sys.executable, "-m", "backend.jobs.merge", "--adapter", str(adapter_dir), "--base", base,
            "--out", str(out), "--dtype", dtype]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     sys.stderr.write(result.stderr)
@@ -179,7 +179,7 @@ def train(run_dir: Path) -> dict:
     for role, path in (("model_path", job.model_path), ("ref_model_path", job.ref_model_path)):
         if path and (Path(path) / "adapter_config.json").is_file():
             raise JobFailed(f"{role} {path} is a LoRA adapter folder, not full weights; train from a merged "
-                            "checkpoint (train.merge = true), or merge it first with python -m backend.merge")
+                            "checkpoint (train.merge = true), or merge it first with python -m backend.jobs.merge")
     main = is_main_process()
     staging = prepare_output(output_dir, job.checkpoint_id) if main else None
     metrics_path = run_dir / "metrics.jsonl"

@@ -1,6 +1,6 @@
 """The critic job: the critic VLM answers pre-rendered critic prompts, greedily, and the raw replies are saved.
 
-    python -m backend.critic_job RUN_DIR
+    python -m backend.jobs.critic RUN_DIR
 
 Reads ``RUN_DIR/config.json`` (see :class:`CriticJobConfig`) and ``RUN_DIR/requests.parquet``
 (request_id, image_path, text; written by ``annotators.critic``). Runs the critic through the same
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, make_engine
-from storage.config import format_validation_error
-from storage.errors import ConfigError, PrefloopError, UsageError
+from core.config import format_validation_error
+from core.errors import ConfigError, PrefloopError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class _Images:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        raise UsageError("usage: python -m backend.critic_job RUN_DIR")
+        raise UsageError("usage: python -m backend.jobs.critic RUN_DIR")
     # ---- setup
     run_dir = Path(argv[0])
     cfg = load_config(run_dir)

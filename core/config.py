@@ -13,7 +13,7 @@ from typing import Any, Literal
 import tomlkit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from storage.errors import ConfigError
+from core.errors import ConfigError
 
 CONFIG_NAME = "prefloop.toml"
 

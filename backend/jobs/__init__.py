@@ -1,0 +1,5 @@
+"""Job entry points: one readable script per job, run as ``python -m backend.jobs.NAME RUN_DIR``.
+
+A job reads ``RUN_DIR/config.json`` and its input Parquet, speaks JSON lines on stdout, writes its
+outputs atomically, and never opens the database (tests/test_layers.py checks the imports).
+"""
