@@ -4,6 +4,11 @@ A bad item (unparseable reply, missing candidate, score out of range, a call tha
 retries) comes back with ``status="invalid"`` or ``"error"`` and its raw output kept; it never raises
 and never kills the batch. Scores keep the judge's own shape (five 0-4 HelpSteer metrics, a 0-100
 score, pairwise wins) plus ``overall`` normalised to 0-1, used for pairing and disagreement marks.
+
+Every judge declares what it is in ``traits`` (:class:`JudgeTraits`) and carries ``hooks``
+(:class:`JudgeHooks`), the optional callbacks the judge step plugs in: progress, and for a judge whose
+model runs as a job subprocess (the critic), ``run_model``, which answers its requests. A judge never
+starts a process itself: nothing under ``annotators/`` imports ``backend``.
 """
 
 from __future__ import annotations
@@ -75,11 +80,75 @@ class Verdict:
     pairwise: list[PairwiseVerdict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class JudgeTraits:
+    """What a judge is, declared once; the judge step reads it (instead of probing for attributes)."""
+
+    per_candidate: bool = False
+    """Scores each candidate on its own: a prompt comes with its unjudged candidates only (else all of them)."""
+    requires_reference: bool = False
+    """Scores against the prompt's reference answer: the judge step skips, and counts, prompts without one."""
+    runs_model_job: bool = False
+    """Its model runs as a job subprocess (the critic job): it needs ``hooks.run_model``, and the job
+    reports its own progress."""
+    reports_progress: bool = False
+    """Calls ``hooks.on_progress`` as items finish (else the judge step feeds it chunks and reports per chunk)."""
+    variant: str | None = None
+    """The judge's variant (the critic's mode), part of the step's name: ``judge-critic-pairwise``."""
+
+
+class ModelRequest(Protocol):
+    """One question for a judge's model job: an image and a rendered prompt (``annotators.critic.CriticRequest``)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def image_path(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """The model job's raw answer to one request."""
+
+    request_id: str
+    """The request it answers."""
+    text: str
+    """The model's reply, unparsed."""
+    num_tokens: int = 0
+    """Tokens generated."""
+    latency_ms: float = 0.0
+    """Generation time of the reply (its share of the batch)."""
+    finish_reason: str = "stop"
+    """`stop` (end of sequence) or `length` (hit max_new_tokens)."""
+
+
+ProgressHook = Callable[[int, int], None]
+"""``(done, total)`` after each finished item."""
+ModelRunner = Callable[[Sequence[ModelRequest]], list[ModelReply]]
+"""Answers a judge's model requests (any order, any subset: a request without a reply is an ``error``)."""
+
+
+@dataclass
+class JudgeHooks:
+    """The optional callbacks the judge step plugs into a judge; unplugged, each is None."""
+
+    on_progress: ProgressHook | None = None
+    """Called by judges whose traits say ``reports_progress``."""
+    run_model: ModelRunner | None = None
+    """Needed by judges whose traits say ``runs_model_job`` (the judge step runs the critic job)."""
+
+
 class Judge(Protocol):
     name: str
     """registry name, stored in judgments.judge"""
     version: str
     """template/prompt version, stored in judgments.judge_version"""
+    traits: JudgeTraits
+    """what the judge is: per candidate or per prompt, needs references, runs a model job, reports progress"""
+    hooks: JudgeHooks
+    """the callbacks the judge step plugs in (a judge that uses none keeps ``JudgeHooks()``)"""
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]: ...
 

@@ -18,23 +18,34 @@ Three modes, entries of the plain registry ``MODES`` (``judges.critic.mode`` in 
 
 Templates live in ``annotators/templates/critic_<mode>_v1.txt``; the judge version stored with each
 judgment is ``<mode>-v1`` (rubric: ``rubric-v1+<rubric.TEMPLATE_VERSION>``), so modes and template
-revisions never collide. The critic runs as a job subprocess (``backend.jobs.critic``) through the
-same engine interface as the policy (greedy); this module builds its requests and turns its raw
-replies into Verdicts. A reply that does not parse makes that candidate ``invalid`` with the raw
-reply kept; nothing here raises for a bad reply.
+revisions never collide. The critic's model runs as a job subprocess (``backend.jobs.critic``, through
+the same engine interface as the policy, greedy) that the judge step starts and plugs in as
+``hooks.run_model``; this module only builds the requests and turns the raw replies into Verdicts. A
+reply that does not parse makes that candidate ``invalid`` with the raw reply kept; nothing here
+raises for a bad reply.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from annotators import rubric
-from annotators.base import CandidateScore, JudgeItem, PairwiseVerdict, Verdict, rubric_overall
+from annotators.base import (
+    CandidateScore,
+    JudgeHooks,
+    JudgeItem,
+    JudgeTraits,
+    ModelReply,
+    PairwiseVerdict,
+    Verdict,
+    rubric_overall,
+)
 from annotators.critic_parsers import parse_pairwise, parse_pointwise, parse_rubric
+from core.config import CriticConfig, WorkspaceConfig
+from core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +67,8 @@ class CriticRequest:
     second_id: str | None = None
 
 
-@dataclass(frozen=True)
-class CriticReply:
-    """The critic job's raw answer to one request."""
-
-    request_id: str
-    text: str
-    num_tokens: int = 0
-    latency_ms: float = 0.0
-    finish_reason: str = "stop"
-
+CriticReply = ModelReply
+"""The critic job's raw answer to one request."""
 
 # ---------------------------------------------------------------------------------------------- templates
 
@@ -274,78 +277,52 @@ def aggregate(items: Sequence[JudgeItem], mode: str, replies: Sequence[CriticRep
 # ---------------------------------------------------------------------------------------------- the judge
 
 class CriticJudge:
-    """``judge(items)`` runs the critic VLM as a job subprocess and returns one Verdict per item.
+    """``judge(items)``: the critic requests of the items, answered by ``hooks.run_model``, parsed into Verdicts.
 
-    ``bind(run_dir, on_event)`` tells it where to write the job's folder and where to send the job's
-    events; unbound, it uses ``<workspace>/runs/critic/<time>``.
+    The judge step plugs the critic job in as ``hooks.run_model`` (``backend.steps.judge``); tests plug
+    in a fake. ``image_root`` resolves relative image paths (the workspace folder).
     """
 
     name = NAME
 
-    def __init__(self, config, workspace_root: Path, mode: str | None = None):
-        from core.errors import UsageError
-
-        self.config = config
-        self.root = Path(workspace_root)
-        self.mode = mode or config.judges.critic.mode
-        if self.mode not in MODES:
-            raise UsageError(f"unknown critic mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+    def __init__(self, critic: CriticConfig, image_root: Path | None = None):
+        if critic.mode not in MODES:
+            raise UsageError(f"unknown critic mode {critic.mode!r}; choose one of: {', '.join(MODES)}")
+        self.critic = critic
+        self.mode = critic.mode
+        self.image_root = Path(image_root) if image_root is not None else None
         self.version = judge_version(self.mode)
-        self.run_dir: Path | None = None
-        self.on_event: Callable[[dict], None] | None = None
-        self.per_candidate = self.mode != "pairwise"
-        """pointwise/rubric judge each candidate alone; pairwise needs every candidate of a prompt"""
-
-    def bind(self, run_dir: Path, on_event: Callable[[dict], None] | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.on_event = on_event
-
-    def model_path(self) -> str:
-        """The critic's loadable folder or hub id (builds `tiny`/`demo` into checkpoints/critic-<name> once)."""
-        from backend import models
-
-        name = self.config.judges.critic.model
-        models.check_model_name(name)
-        if name in models.BUILTIN:
-            return str(models.materialize(name, self.root / "checkpoints" / f"critic-{name}"))
-        return str(models.materialize(name, self.root))
+        # pointwise/rubric judge each candidate alone; pairwise needs every candidate of a prompt
+        self.traits = JudgeTraits(per_candidate=self.mode != "pairwise", runs_model_job=True, variant=self.mode)
+        self.hooks = JudgeHooks()
 
     def _resolve(self, item: JudgeItem) -> JudgeItem:
         p = Path(item.image_path)
-        if p.is_absolute():
+        if p.is_absolute() or self.image_root is None:
             return item
-        return JudgeItem(item.prompt_id, item.question, str(self.root / p), item.image_id, item.candidates,
+        return JudgeItem(item.prompt_id, item.question, str(self.image_root / p), item.image_id, item.candidates,
                          item.reference)
 
-    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def requests(self, items: Sequence[JudgeItem]) -> list[CriticRequest]:
+        """The critic requests of ``items`` in this judge's mode (image paths made absolute)."""
+        return build_requests([self._resolve(i) for i in items], self.mode)
 
-        from backend import critic_job
-        from backend.job_runner import Job, python_module, write_config
-        from backend.models import default_device
-
-        items = [self._resolve(i) for i in items]
-        requests = build_requests(items, self.mode)
-        if not requests:
-            return aggregate(items, self.mode, [])
-        run_dir = self.run_dir or self.root / "runs" / "critic" / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / critic_job.OUTPUT).unlink(missing_ok=True)
-        pq.write_table(pa.Table.from_pylist([asdict(r) for r in requests]), run_dir / critic_job.REQUESTS)
-        critic, policy = self.config.judges.critic, self.config.policy
-        write_config(run_dir, {
-            "model_path": self.model_path(), "model_name": critic.model, "engine": critic.engine,
-            "dtype": policy.dtype, "device": default_device(), "batch_size": self.config.generation.batch_size,
-            "max_new_tokens": critic.max_new_tokens, "mode": self.mode, "judge_version": self.version,
-            "tensor_parallel_size": policy.tensor_parallel_size,
-        })
-        Job(python_module("backend.jobs.critic", str(run_dir)), run_dir, on_event=self.on_event).wait()
-        replies = [CriticReply(**row) for row in critic_job.read_replies(run_dir)]
-        log.info("critic %s: %d replies for %d prompts", self.version, len(replies), len(items))
+    def parse(self, items: Sequence[JudgeItem], replies: Sequence[CriticReply]) -> list[Verdict]:
+        """One Verdict per item from the critic's raw replies (a request without a reply is ``error``)."""
         return aggregate(items, self.mode, replies)
 
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        requests = self.requests(items)
+        if not requests:
+            return self.parse(items, [])
+        if self.hooks.run_model is None:
+            raise UsageError("the critic's model runs as a job that the judge step starts: run it with "
+                             "`prefloop judge --judge critic` (or plug a runner into hooks.run_model)")
+        replies = self.hooks.run_model(requests)
+        log.info("critic %s: %d replies for %d prompts", self.version, len(replies), len(items))
+        return self.parse(items, replies)
 
-def make_critic(config, workspace_root: Path) -> CriticJudge:
+
+def make_critic(config: WorkspaceConfig, workspace_root: Path) -> CriticJudge:
     """Registry factory: the critic in ``config.judges.critic.mode``."""
-    return CriticJudge(config, workspace_root)
+    return CriticJudge(config.judges.critic, workspace_root)

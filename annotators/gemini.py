@@ -49,7 +49,15 @@ from google.genai import types
 from PIL import Image, UnidentifiedImageError
 
 from annotators import rubric
-from annotators.base import METRICS, CandidateScore, JudgeItem, Verdict, rubric_overall
+from annotators.base import (
+    METRICS,
+    CandidateScore,
+    JudgeHooks,
+    JudgeItem,
+    JudgeTraits,
+    Verdict,
+    rubric_overall,
+)
 from annotators.judge_cache import JudgeCache, cache_key
 from annotators.ratelimit import RateLimiter, SlidingWindowLimiter
 from core.config import GeminiConfig, WorkspaceConfig
@@ -207,6 +215,7 @@ class GeminiJudge:
 
     name = "gemini"
     version = TEMPLATE_VERSION
+    traits = JudgeTraits(reports_progress=True)  # rates all candidates of a prompt in one call
 
     def __init__(self, config: GeminiConfig, cache_path: Path, *, api_key: str | None = None, seed: int = 0,
                  on_progress: Callable[[int, int], None] | None = None, image_root: Path | None = None,
@@ -216,7 +225,7 @@ class GeminiJudge:
         self.config = config
         self._api_key = resolve_api_key(api_key)
         self.seed = seed
-        self.on_progress = on_progress
+        self.hooks = JudgeHooks(on_progress=on_progress)
         self.image_root = Path(image_root) if image_root is not None else None
         self.cache = JudgeCache(Path(cache_path))
         self.limiter = limiter or SlidingWindowLimiter(config.requests_per_minute, config.tokens_per_minute, 60.0)
@@ -302,9 +311,9 @@ class GeminiJudge:
             verdict = self._error(item, _short(f"{type(err).__name__}: {err}"))
         setattr(self.stats, verdict.status, getattr(self.stats, verdict.status) + 1)
         self._done += 1
-        if self.on_progress is not None:
+        if self.hooks.on_progress is not None:
             try:
-                self.on_progress(self._done, self.stats.items)
+                self.hooks.on_progress(self._done, self.stats.items)
             except Exception:
                 log.exception("gemini judge: the progress callback failed; continuing")
         return verdict

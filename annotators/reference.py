@@ -21,7 +21,7 @@ import string
 import unicodedata
 from collections.abc import Sequence
 
-from annotators.base import CandidateScore, JudgeItem, Verdict
+from annotators.base import CandidateScore, JudgeHooks, JudgeItem, JudgeTraits, Verdict
 
 NAME = "reference"
 VERSION = "v1"
@@ -64,8 +64,10 @@ class ReferenceJudge:
 
     name = NAME
     version = VERSION
-    requires_reference = True
-    per_candidate = True
+    traits = JudgeTraits(per_candidate=True, requires_reference=True)
+
+    def __init__(self):
+        self.hooks = JudgeHooks()
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
         verdicts = []

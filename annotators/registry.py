@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from annotators.base import Judge
+from core import names
 from core.config import WorkspaceConfig
 from core.errors import UsageError
 
@@ -39,12 +40,10 @@ JUDGES: dict[str, JudgeFactory] = {
     "critic": _critic,
     "reference": _reference,
 }
+"""Keyed by ``core.names.JUDGES``: the judge names prefloop.toml may use (checked when it loads)."""
 
-DESCRIPTIONS: dict[str, str] = {
-    "gemini": "Gemini rates all candidates of a prompt on the five HelpSteer metrics (0-4), reasoning first",
-    "critic": "a local critic VLM (LLaVA-Critic style): pointwise 0-100, pairwise over all ordered pairs, or rubric",
-    "reference": "exact / contained match against the prompt's ground-truth reference answer (0-4)",
-}
+DESCRIPTIONS: dict[str, str] = names.JUDGES
+"""name -> one-line description (kept in ``core.names``)."""
 
 
 def make_judge(name: str, config: WorkspaceConfig, workspace_root: Path) -> Judge:

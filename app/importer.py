@@ -435,10 +435,10 @@ def apply_plan(ws: Workspace, plan: ImportPlan) -> ImportResult:
     result.candidates = counts["candidates"]
     result.preferences = counts["labels"]
     if counts["candidates"]:
-        from storage import review, rounds
+        from storage import review_queue, rounds
 
         cur = ws.cursor()
-        review.refresh_queue(cur, rounds.current_round(cur)["round_id"], ws.config.pairs.judge)
+        review_queue.refresh_queue(cur, rounds.current_round(cur)["round_id"], ws.config.pairs.judge)
     return result
 
 

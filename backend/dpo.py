@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.progress import emit, progress
+from core import names
 from core.config import TrainConfig
 from core.errors import JobFailed
 from core.trl_format import trl_row
@@ -39,16 +40,16 @@ log = logging.getLogger(__name__)
 class LossType:
     trl_name: str
     """The entry of TRL's ``DPOConfig.loss_type`` list."""
-    help: str
 
 
 LOSSES: dict[str, LossType] = {
-    "sigmoid": LossType("sigmoid", "DPO: -log sigmoid(beta * margin)"),
-    "ipo": LossType("ipo", "IPO: squared distance of the length-normalised margin from 1/(2 beta)"),
-    "hinge": LossType("hinge", "SLiC hinge: relu(1 - beta * margin)"),
-    "robust": LossType("robust", "robust DPO: unbiased under `label_smoothing` flipped labels"),
-    "sft": LossType("sft", "NLL of the chosen answer; add beside a DPO loss with `loss_weights`"),
+    "sigmoid": LossType("sigmoid"),
+    "ipo": LossType("ipo"),
+    "hinge": LossType("hinge"),
+    "robust": LossType("robust"),
+    "sft": LossType("sft"),
 }
+"""Keyed by ``core.names.LOSSES`` (the ``train.loss`` names, checked when the config loads, and their help)."""
 
 PRECISIONS: dict[str, dict[str, bool]] = {
     "float32": {"bf16": False, "fp16": False},
@@ -63,8 +64,8 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "merger", "connector
 def loss_args(train: TrainConfig) -> dict[str, Any]:
     """DPOConfig keyword arguments for the configured loss types, weights and label smoothing."""
     unknown = [name for name in train.loss if name not in LOSSES]
-    if unknown:
-        raise JobFailed(f"train.loss: unknown loss type {unknown[0]!r}; choose from {', '.join(LOSSES)}")
+    if unknown:  # only for a TrainConfig built without validation: loading one checks the names
+        raise JobFailed(f"train.loss: {names.unknown('loss type', LOSSES, unknown[0])}")
     if not train.loss:
         raise JobFailed(f"train.loss: empty; choose one or more of {', '.join(LOSSES)}")
     if train.loss_weights is not None and len(train.loss_weights) != len(train.loss):

@@ -7,19 +7,26 @@ what is unjudged, pairs are replaced until frozen, training rebuilds its folder)
 one. ``run_rounds(ws, n)`` trains ``n`` rounds and then stops at the next round's review, so
 reviewers always have fresh items; with review ``required`` it also stops at a gate whose quota is
 not met. A cancel request (a file in ``runs/``, so another process can ask) stops the running job.
+
+``start_round`` / ``resume_round`` are the one place that says what `round start` and `round resume`
+mean (recipe or override file, the round's saved config and loop count, the audit row); the CLI, the
+studio's runner and a forwarded command make a ``RoundRun`` with them and only choose where it runs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from backend.job_runner import EventHandler
 from backend.steps.generate import run_generate
 from backend.steps.pairs import run_pairs
 from backend.steps.train import run_train
+from core import config as cfgmod
 from core.errors import PrefloopError, UsageError
 from storage import rounds
 from storage.workspace import Workspace
@@ -128,16 +135,7 @@ assert tuple(STEPS) == ORDER
 
 
 def _finish_round(ws: Workspace, round_id: int, next_policy: str) -> None:
-    cur = ws.cursor()
-    cur.execute("BEGIN TRANSACTION")
-    try:
-        rounds.set_round(cur, round_id, status="done", step="done", finished_at=_now(), error=None)
-        if rounds.get_round(cur, round_id + 1) is None:
-            rounds.open_round(cur, round_id + 1, next_policy)
-        cur.execute("COMMIT")
-    except Exception:
-        cur.execute("ROLLBACK")
-        raise
+    rounds.finish_round(ws.cursor(), round_id, next_policy, finished_at=_now())
 
 
 def _now():
@@ -207,3 +205,113 @@ def request_cancel(ws_root) -> None:
     lay = require_workspace(ws_root)
     lay.runs.mkdir(exist_ok=True)
     (lay.runs / CANCEL_FILE).write_text(str(time.time()))
+
+
+# ------------------------------------------------------------------------------------ start and resume
+
+RESUMABLE = ("failed", "cancelled", "waiting_review")
+"""Round statuses `round resume` continues from."""
+
+
+class NothingToResume(PrefloopError):
+    """`round resume` on a round that is not failed, cancelled or waiting for review: nothing is wrong (the
+    callers print the message and exit 0)."""
+
+    exit_code = 0
+
+
+@dataclass(frozen=True)
+class RoundRun:
+    """A `round start` or `round resume`, resolved and ready to run; the CLI, the studio's runner and a
+    forwarded command all make it with ``start_round`` / ``resume_round`` and run it with ``run``."""
+
+    ws: Workspace
+    """The workspace, its ``config`` already what these rounds run with (overrides or the round's own)."""
+    action: str
+    """The audit action: ``round.start`` or ``round.resume``."""
+    round_id: int
+    """The current round when the run was asked for."""
+    rounds: int
+    """Rounds to train (at least 1)."""
+    detail: dict = field(default_factory=dict)
+    """Audit detail besides rounds and round_id (a start's recipe and override file)."""
+
+    @property
+    def label(self) -> str:
+        """What the studio calls the run: "round 3", "round 3 (+1 more)"."""
+        return f"round {self.round_id}" + (f" (+{self.rounds - 1} more)" if self.rounds > 1 else "")
+
+    def record(self, actor: str, via: str | None = None) -> None:
+        """The audit row of this start or resume (``via``: "app" or "cli" when the studio runs it)."""
+        from storage import audit
+
+        detail = {"rounds": self.rounds, "round_id": self.round_id, **self.detail, **({"via": via} if via else {})}
+        audit.record(self.ws.cursor(), actor, self.action, detail)
+
+    def run(self, on_event: EventHandler | None = None) -> dict:
+        """``run_rounds``, with the round's loop count and resolved config saved before and after, so a
+        later `round resume` trains what is left with the same config. Returns run_rounds' result."""
+        cur = self.ws.cursor()
+        r = rounds.current_round(cur)["round_id"]
+        rounds.set_round(cur, r, config={"loop": {"remaining": self.rounds}, "resolved": self.ws.config.model_dump()})
+        res = run_rounds(self.ws, self.rounds, on_event=on_event)
+        cur = self.ws.cursor()
+        now = rounds.current_round(cur)["round_id"]
+        rounds.set_round(cur, now, config={"loop": {"remaining": max(self.rounds - res["trained"], 0)},
+                                           "resolved": self.ws.config.model_dump()})
+        return res
+
+
+def outcome(res: dict) -> str:
+    """One line for a finished ``RoundRun.run``: "trained 1 round(s); round 2 is ready for review"."""
+    return f"trained {res['trained']} round(s); {res['stopped']}"
+
+
+def start_round(ws: Workspace, n: int = 1, *, recipe: str | None = None, config: Path | None = None) -> RoundRun:
+    """`round start`: train ``n`` rounds from where the current round stands, with a packaged ``recipe``
+    (by name) or an override file (``config``) applied to ``ws.config`` first (both validated)."""
+    if n < 1:
+        raise UsageError("--rounds must be at least 1")
+    overrides = load_overrides(recipe, config, ws.config)
+    if overrides:
+        ws.config = cfgmod.validate(_merge(ws.config.model_dump(), overrides), recipe or str(config))
+    r = rounds.current_round(ws.cursor())["round_id"]
+    return RoundRun(ws, "round.start", r, n, {"recipe": recipe, "config": str(config) if config else None})
+
+
+def resume_round(ws: Workspace) -> RoundRun:
+    """`round resume`: continue a failed, cancelled or review-gated round with its saved config, for the
+    rounds its loop had left (at least 1). Raises NothingToResume for a round in any other state."""
+    r = rounds.current_round(ws.cursor())
+    saved = json.loads(r["config"]) if r["config"] else {}
+    if r["status"] not in RESUMABLE:
+        raise NothingToResume(f"nothing to resume: round {r['round_id']} is {r['status']}; "
+                              "`prefloop round start` trains it")
+    if saved.get("resolved"):
+        ws.config = cfgmod.validate(saved["resolved"], f"round {r['round_id']} config")
+    return RoundRun(ws, "round.resume", r["round_id"], max(saved.get("loop", {}).get("remaining", 1), 1))
+
+
+def load_overrides(recipe: str | None, config: Path | None, base: cfgmod.WorkspaceConfig | None = None) -> dict:
+    """The config overrides of a packaged recipe (by name) or of an override file (``--config``).
+
+    Both go through ``backend.recipes``: validated on load (an unknown key is named), the ``[recipe]``
+    metadata dropped, and the ``[tiny]`` table applied when the policy model of ``base`` (the workspace
+    config) is ``tiny``; on a real policy model a recipe also checks the models it needs are real.
+    """
+    from backend import recipes
+
+    if recipe:
+        loaded = recipes.load(recipe)
+    elif config is not None:
+        loaded = recipes.load_file(config, require_meta=False)
+    else:
+        return {}
+    return loaded.resolve(base or cfgmod.WorkspaceConfig())
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out

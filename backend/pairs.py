@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core import names
+
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 HCC = ("helpfulness", "correctness", "coherence")
 AI_ORIGINS = ("policy", "imported")
@@ -202,6 +204,7 @@ STRATEGIES: dict[str, StrategyFn] = {
     "seva": seva,
     "human-only": human_only,
 }
+"""Keyed by ``core.names.PAIR_STRATEGIES``: the ``pairs.strategy`` names (checked when prefloop.toml loads)."""
 
 
 class AnnotatorTie(Exception):
@@ -243,7 +246,7 @@ def _prompt_rng(seed: int, prompt_id: str) -> random.Random:
 def build_pairs(items: list[PromptItem], strategy: str, opts: PairOptions = PairOptions()) -> PairResult:
     """Pairs for every prompt: human majority, else imported preference, else the AI strategy."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown pair strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ValueError(names.unknown("pair strategy", STRATEGIES, strategy))
     fn = STRATEGIES[strategy]
     result = PairResult()
     for item in items:

@@ -187,7 +187,7 @@ def server_main(args: argparse.Namespace) -> int:
 
     from app.server import AppContext
     from app.server import review as rv
-    from storage import review as review_db
+    from storage import review_queue
     from storage.workspace import open_workspace
 
     password = "bench-password"
@@ -198,11 +198,11 @@ def server_main(args: argparse.Namespace) -> int:
         build_s = time.perf_counter() - t0
         cur = ws.cursor()
         t0 = time.perf_counter()
-        n_queued = review_db.refresh_queue(cur, 1)
+        n_queued = review_queue.refresh_queue(cur, 1)
         refresh_s = time.perf_counter() - t0
         mem_limit = cur.execute("SELECT current_setting('memory_limit')").fetchone()[0]
         print(f"workspace: {args.prompts:,} prompts x {K} candidates x 2 judges built in {build_s:.1f} s; "
-              f"queue ({len(review_db.QUEUE_ORDERS)} orders) computed in {refresh_s:.1f} s; {n_queued:,} queued; "
+              f"queue ({len(review_queue.QUEUE_ORDERS)} orders) computed in {refresh_s:.1f} s; {n_queued:,} queued; "
               f"DuckDB memory_limit {mem_limit}", flush=True)
 
         # the handler alone, in this process (the database's owner for now)

@@ -16,7 +16,7 @@ import argparse
 import collections
 import json
 
-import common  # noqa: F401 - repo on sys.path, offline environment
+import common
 
 COLORS = ["red", "green", "blue", "yellow", "teal", "brown", "black", "gray"]
 

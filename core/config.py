@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 import tomlkit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
+from core import names
 from core.errors import ConfigError
 
 CONFIG_NAME = "prefloop.toml"
@@ -20,6 +22,15 @@ CONFIG_NAME = "prefloop.toml"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def _registered(kind: str, registry: dict[str, str], value: str | list[str] | None):
+    """``value`` (a name, a list of names, or None) when every name is in ``registry`` (``core.names``);
+    else an error naming the first unknown one and listing the registered names."""
+    for name in [value] if isinstance(value, str) else value or []:
+        if name not in registry:
+            raise PydanticCustomError("unknown_name", "{message}", {"message": names.unknown(kind, registry, name)})
+    return value
 
 
 class PolicyConfig(_Section):
@@ -61,6 +72,16 @@ class PairsConfig(_Section):
     """best-vs-random: helpfulness+correctness+coherence of the rejected is at least this much lower."""
     seed: int = 0
     """Seed for random choices in pair strategies."""
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        return _registered("pair strategy", names.PAIR_STRATEGIES, v)
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, v: str | None) -> str | None:
+        return _registered("judge", names.JUDGES, v)
 
 
 class TrainConfig(_Section):
@@ -113,6 +134,11 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     """Trade compute for memory (slower; useful for 7B models on GPUs)."""
 
+    @field_validator("loss")
+    @classmethod
+    def _known_losses(cls, v: list[str]) -> list[str]:
+        return _registered("loss type", names.LOSSES, v)
+
 
 class GeminiConfig(_Section):
     model: str = "gemini-2.5-flash"
@@ -154,6 +180,11 @@ class JudgesConfig(_Section):
     default: list[str] = []
     """Judges run automatically after generation in a round."""
 
+    @field_validator("default")
+    @classmethod
+    def _known_judges(cls, v: list[str]) -> list[str]:
+        return _registered("judge", names.JUDGES, v)
+
 
 class ReviewConfig(_Section):
     required: Literal["off", "required"] = "off"
@@ -173,6 +204,11 @@ class RoundConfig(_Section):
     """`if_not_worse`: a round whose checkpoint loses the eval is not promoted."""
     eval_judge: str | None = None
     """Judge comparing c(r) with c(r-1) on held-out prompts (None: skip eval)."""
+
+    @field_validator("eval_judge")
+    @classmethod
+    def _known_judge(cls, v: str | None) -> str | None:
+        return _registered("judge", names.JUDGES, v)
 
 
 class WorkspaceConfig(_Section):

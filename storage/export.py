@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from core.errors import QueryTimeout, UnsafeQuery, UsageError
 from core.trl_format import llava_row, trl_row
-from storage.db import fetch_all, scalar
+from storage.db import fetch_all, read_only_transaction, scalar, transaction
 from storage.sqlguard import check_select
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,8 @@ def read_only_cursor(cur: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPy
     q = cur.cursor()
     try:
         q.execute("SET python_enable_replacements = false")  # session-local: FROM df reads no Python object
-        q.execute("BEGIN TRANSACTION READ ONLY")
-        try:
+        with read_only_transaction(q):
             yield q
-        finally:
-            try:
-                q.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
     finally:
         q.close()
 
@@ -324,13 +318,8 @@ def snapshot(cur: duckdb.DuckDBPyConnection, out_path: str | os.PathLike, *, for
     try:
         cur.execute(f"ATTACH ? AS {alias}", [str(tmp)])
         try:
-            cur.execute("BEGIN TRANSACTION")
-            try:
+            with transaction(cur):
                 cur.execute(f"COPY FROM DATABASE {_quote_ident(db)} TO {alias}")
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
             cur.execute(f"CHECKPOINT {alias}")
         finally:
             cur.execute(f"DETACH {alias}")

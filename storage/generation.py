@@ -6,7 +6,7 @@ from pathlib import Path
 
 import duckdb
 
-from storage.db import fetch_all, scalar
+from storage.db import fetch_all, scalar, transaction
 
 CANDIDATE_COLUMNS = ("candidate_id", "prompt_id", "round_id", "checkpoint_id", "text", "origin", "view",
                      "augmentation", "sampling", "model", "engine", "seed", "sample_index")
@@ -41,20 +41,14 @@ def ingest_candidates_parquet(cur: duckdb.DuckDBPyConnection, path: Path, origin
     ``origin`` overrides the job's origin column (the eval step stores its answers as `eval`)."""
     cols = ", ".join(CANDIDATE_COLUMNS)
     select = cols if origin is None else cols.replace("origin", "? AS origin")
-    cur.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(cur):
         before = scalar(cur, "SELECT count(*) FROM candidates")
         cur.execute(f"""
             INSERT INTO candidates ({cols})
             SELECT {select} FROM read_parquet(?) AS n
             WHERE NOT EXISTS (SELECT 1 FROM candidates c WHERE c.candidate_id = n.candidate_id)""",
                     ([origin] if origin else []) + [str(path)])
-        added = scalar(cur, "SELECT count(*) FROM candidates") - before
-        cur.execute("COMMIT")
-    except Exception:
-        cur.execute("ROLLBACK")
-        raise
-    return added
+        return scalar(cur, "SELECT count(*) FROM candidates") - before
 
 
 def candidate_counts(cur: duckdb.DuckDBPyConnection, round_id: int) -> dict[str, int]:

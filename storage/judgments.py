@@ -17,8 +17,7 @@ from contextlib import contextmanager
 import duckdb
 import pyarrow as pa
 
-from storage.db import fetch_all, scalar
-from storage.prompts import transaction
+from storage.db import fetch_all, scalar, transaction
 
 JUDGMENT_SCHEMA = pa.schema([
     ("judgment_id", pa.string()), ("candidate_id", pa.string()), ("judge", pa.string()),

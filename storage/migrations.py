@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import duckdb
 
+from storage.db import transaction
+
 log = logging.getLogger(__name__)
 
 
@@ -276,14 +278,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[Migration]:
     for m in MIGRATIONS:
         if m.version in done:
             continue
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(m.sql)
             con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [m.version, m.name])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
         log.info("applied migration %03d %s", m.version, m.name)
         ran.append(m)
     return ran

@@ -6,7 +6,7 @@ import json
 
 import duckdb
 
-from storage.db import fetch_all, scalar
+from storage.db import fetch_all, scalar, transaction
 
 PAIR_COLUMNS = ("round_id", "prompt_id", "chosen_id", "rejected_id", "source", "strategy", "margin",
                 "rubric_delta", "chosen_scores", "rejected_scores")
@@ -20,14 +20,9 @@ def replace_draft_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, rows: lis
     """Replace the round's unfrozen pairs with ``rows`` in one transaction; frozen rounds are refused."""
     if is_frozen(cur, round_id):
         raise ValueError(f"round {round_id}'s pairs are frozen (training started); they never change")
-    cur.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(cur):
         cur.execute("DELETE FROM pairs WHERE round_id = ? AND frozen_at IS NULL", [round_id])
         insert_pairs(cur, rows)
-        cur.execute("COMMIT")
-    except Exception:
-        cur.execute("ROLLBACK")
-        raise
     return len(rows)
 
 

@@ -18,7 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from storage import images as images_db
-from storage.db import fetch_all, fetch_one, scalar
+from storage.db import fetch_all, fetch_one, scalar, transaction
 
 PROMPT_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
@@ -99,18 +99,6 @@ def _registered(cur: duckdb.DuckDBPyConnection, table: pa.Table) -> Iterator[str
         yield name
     finally:
         cur.unregister(name)
-
-
-@contextmanager
-def transaction(cur: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    """BEGIN ... COMMIT, or ROLLBACK and re-raise."""
-    cur.execute("BEGIN TRANSACTION")
-    try:
-        yield cur
-    except BaseException:
-        cur.execute("ROLLBACK")
-        raise
-    cur.execute("COMMIT")
 
 
 # ---------------------------------------------------------------------------------------------- inserts

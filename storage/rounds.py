@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import duckdb
 
 from storage.db import fetch_all as _rows
 from storage.db import fetch_one as _row
+from storage.db import scalar, transaction
 
 BASE_CHECKPOINT = "c0"
 
@@ -52,6 +54,11 @@ def current_round(cur) -> dict:
     if r is None:
         raise RuntimeError("workspace has no round; was it created with `prefloop init`?")
     return r
+
+
+def current_round_id(cur: duckdb.DuckDBPyConnection) -> int | None:
+    """The newest round (the one collecting candidates and labels), or None before `prefloop init`."""
+    return scalar(cur, "SELECT max(round_id) FROM rounds")
 
 
 def list_rounds(cur) -> list[dict]:
@@ -120,18 +127,21 @@ def complete_training(cur, *, round_id: int, checkpoint: dict[str, Any], metrics
                       open_next: bool = True) -> None:
     """Ingest a finished training in one transaction: metrics, the new checkpoint, the round's status,
     and (``open_next``) the next round on the new checkpoint."""
-    cur.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(cur):
         cur.execute("DELETE FROM train_metrics WHERE round_id = ?", [round_id])
         add_train_metrics(cur, round_id, metrics)
         add_checkpoint(cur, **checkpoint)
         set_round(cur, round_id, status="trained", step="train")
         if open_next and get_round(cur, round_id + 1) is None:
             open_round(cur, round_id + 1, checkpoint["checkpoint_id"])
-        cur.execute("COMMIT")
-    except Exception:
-        cur.execute("ROLLBACK")
-        raise
+
+
+def finish_round(cur, round_id: int, next_policy: str, finished_at: datetime) -> None:
+    """Mark a round done and open the next one on ``next_policy`` (unless it exists), in one transaction."""
+    with transaction(cur):
+        set_round(cur, round_id, status="done", step="done", finished_at=finished_at, error=None)
+        if get_round(cur, round_id + 1) is None:
+            open_round(cur, round_id + 1, next_policy)
 
 
 def fail_stale_steps(cur) -> list[dict]:

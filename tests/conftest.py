@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads_as_in_a_job():
+    """torch in the test process uses as many threads as a job would (backend.job_runner.torch_threads,
+    unless OMP_NUM_THREADS is set): its default, one per core, oversubscribes the cores beside the jobs,
+    servers and browsers the tests start (the in-process trainings of test_ref_cache took 4x longer)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        from backend.job_runner import torch_threads
+
+        torch.set_num_threads(torch_threads())
 
 
 @pytest.fixture(scope="session")
@@ -38,43 +47,15 @@ def workspace(tmp_path, tiny_model_dir):
     ws.close()
 
 
-def make_image(path: Path, size=(48, 40), color=(200, 30, 30), fmt: str | None = None) -> Path:
-    from PIL import Image
+@pytest.fixture
+def db():
+    """A fresh in-memory database with every migration applied (no workspace folder): for tests of
+    `storage` functions that need tables but no images on disk, config or model."""
+    import duckdb
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", size, color)
-    for x in range(0, size[0], 7):
-        img.putpixel((x, x % size[1]), (x % 255, 255 - x % 255, 100))
-    img.save(path, format=fmt)
-    return path
+    from storage import migrations
 
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `prefloop ARGS` in a real subprocess (as a user would)."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], check=False, cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, input=input, timeout=timeout)
-
-
-def review_workspace(root: Path, tiny_model_dir: Path, rows: list[dict], changes: dict, name: str | None = None):
-    """An open workspace on `tiny` with ``rows`` imported (``prefloop import`` JSONL rows whose ``image`` names
-    a file already under ``root/data``) and ``changes`` applied to the config; round 1 stands at its review
-    step (the answers were imported, so generate and judge have nothing to do)."""
-    import json
-
-    from app.importer import import_path
-    from core import config as cfgmod
-    from storage import rounds
-    from storage.workspace import init_workspace
-
-    data = root / "data"
-    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    base = cfgmod.WorkspaceConfig(policy=cfgmod.PolicyConfig(model="tiny"), **({"name": name} if name else {}))
-    ws = init_workspace(root / "ws", cfgmod.update(base, changes))
-    shutil.copytree(tiny_model_dir, ws.lay.checkpoints / "c0")
-    cur = ws.cursor()
-    rounds.ensure_first_round(cur, base_model="tiny")
-    import_path(ws, data / "q.jsonl", progress=False)
-    rounds.set_round(cur, 1, step="review")
-    return ws
+    con = duckdb.connect(":memory:")
+    migrations.migrate(con)
+    yield con
+    con.close()

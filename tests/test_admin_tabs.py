@@ -24,9 +24,7 @@ from storage import audit, rounds, sqlguard
 from storage import pairs as pairs_db
 from storage import prompts as prompts_db
 from storage.studio import EXAMPLE_QUERIES
-from tests.conftest import make_image
-from tests.test_review_handlers import build_workspace
-from tests.test_server import free_port
+from tests.helpers import build_workspace, free_port, make_image, wait_until
 
 ADMIN_MODULES = {"app.server.rounds_tab", "app.server.data_tab", "app.server.export_tab"}
 
@@ -178,13 +176,13 @@ def test_refused_sql_shows_the_guards_message(server, sql):
 def test_example_queries_run_and_mean_what_they_say(ctx):
     # ann prefers answer 3 on p2, where both judges' best is another answer: an override of the AI
     state = rv.next_item(ctx, "ann", None).state
-    shown = state["item"]["prompt_id"]
-    ids = state["item"]["candidate_ids"]
+    shown = state.item.prompt_id
+    ids = state.item.candidate_ids
     rv.submit(ctx, "ann", state, chosen="3", rejected="1")
     out = {}
     for name, sql in EXAMPLE_QUERIES.items():
         assert export_tab.example(ctx, "boss", name) == sql
-        out[name], _ = export_tab.preview(ctx, "boss", sql, 1000)
+        out[name] = export_tab.preview(ctx, "boss", sql, 1000).rows
     overrides = out["human vs AI overrides"]
     mine = overrides[(overrides.prompt_id == shown) & (overrides.annotator == "ann")]
     assert set(mine.judge) == {"critic", "gemini"}
@@ -265,7 +263,8 @@ def test_upload_with_bad_rows(ctx, tmp_path):
     with pytest.raises(UsageError, match=r"1 bad rows, nothing was imported(.|\n)*line 2: image not found"):
         data_tab.import_upload(ctx, "boss", str(zipped))
     assert prompts_db.count_prompts(ctx.ws.cursor()) == before
-    summary, report = data_tab.import_upload(ctx, "boss", str(zipped), skip_bad=True)
+    imported = data_tab.import_upload(ctx, "boss", str(zipped), skip_bad=True)
+    summary, report = imported.summary, imported.reject_report
     assert "1 new prompts" in summary and "1 bad rows skipped" in summary
     (bad,) = [json.loads(line) for line in Path(report).read_text().splitlines()]
     assert bad["line"] == 2 and "image not found" in bad["error"]
@@ -347,9 +346,7 @@ def test_start_busy_cancel_through_the_app(server):
     assert "round 1 started by boss" in boss.predict(api_name="/start_round")
     with pytest.raises(Exception, match="a round is already running"):
         boss.predict(api_name="/start_round")
-    t0 = time.time()
-    while studio.runner.snapshot()["step"] is None and time.time() - t0 < 60:
-        time.sleep(0.2)
+    wait_until(lambda: studio.runner.snapshot()["step"] is not None, 60, "the round's first step to start")
     t1 = time.time()  # the app answers while the round's job runs
     assert client(url, "ann").predict(api_name="/next")[0] and time.time() - t1 < 20
     assert "cancel requested" in boss.predict(api_name="/cancel_round")

@@ -19,7 +19,7 @@ from storage import judgments as jstore
 from storage import prompts as prompts_db
 from storage import rounds
 from storage.workspace import init_workspace
-from tests.conftest import make_image, run_cli
+from tests.helpers import make_image, run_cli
 
 # Two prompts x three candidates. Judge "same" scores exactly like "base"; "reversed" the other way round.
 BASE = {"p1-0": 0.9, "p1-1": 0.5, "p1-2": 0.1, "p2-0": 0.2, "p2-1": 0.6, "p2-2": 0.8}

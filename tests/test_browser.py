@@ -20,8 +20,7 @@ from app.server.runner import studio_of
 from storage import prompts as prompts_db
 from storage import rounds
 from storage import users as users_db
-from tests.conftest import make_image, review_workspace
-from tests.test_server import free_port
+from tests.helpers import free_port, make_image, review_workspace
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

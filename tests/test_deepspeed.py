@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_train import make_pairs, make_run, weight
 
 from backend.launch import train_command
 from core.config import TrainConfig
+from tests.helpers import free_port, make_pairs, make_run, run_launcher, weight
 
 
 def test_launcher_command_lines():
@@ -38,18 +35,16 @@ def test_launcher_command_lines():
         "/ws/hostfile", 8, True, "backend.jobs.train", [str(run_dir)])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_job_threads_share_the_cores_and_an_explicit_setting_wins(monkeypatch):
+    from backend import job_runner
 
-
-def run(cmd: list[str]) -> tuple[list[dict], str]:
-    from backend.progress import parse_line
-
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [parse_line(line) for line in proc.stdout.splitlines()], proc.stderr
+    monkeypatch.setattr(job_runner.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [job_runner.torch_threads(n) for n in (1, 2, 8, 16)] == [7, 3, 1, 1]  # one core left to the owner
+    monkeypatch.setattr(job_runner.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert job_runner.job_env()["OMP_NUM_THREADS"] == job_runner.job_env(processes=2)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert job_runner.job_env(processes=2)["OMP_NUM_THREADS"] == "2"
 
 
 @pytest.mark.slow
@@ -62,11 +57,10 @@ def test_zero3_on_two_cpu_ranks_matches_one_process(tiny_model_dir, tmp_path):
                       num_processes=2, zero_stage=3, **common)
 
     def config(run_dir):
-        raw = json.loads((run_dir / "config.json").read_text())
-        return TrainConfig(**{k: v for k, v in raw.items() if k in TrainConfig.model_fields})
+        return TrainConfig(**json.loads((run_dir / "config.json").read_text())["train"])
 
-    local_events, _ = run(train_command(local_dir, config(local_dir)))
-    ds_events, _ = run(train_command(ds_dir, config(ds_dir), master_port=free_port()))
+    local_events, _ = run_launcher(train_command(local_dir, config(local_dir)))
+    ds_events, _ = run_launcher(train_command(ds_dir, config(ds_dir), master_port=free_port()))
 
     logs = " | ".join(e["message"] for e in ds_events if e["event"] == "log")
     assert "world size 2, DeepSpeed ZeRO-3" in logs

@@ -15,7 +15,7 @@ import pytest
 from core.errors import UsageError
 from storage import export
 from storage.workspace import init_workspace
-from tests.conftest import REPO, make_image, run_cli
+from tests.helpers import REPO, make_image, run_cli
 
 QUESTIONS = {"p1": 'Is it "red", or blue?', "p2": "Wie viele Äpfel?\nZwei, sagt er", "p3": "plain"}
 QUERY = "SELECT prompt_id, question, split, length(question) AS n FROM prompts ORDER BY prompt_id"
@@ -41,13 +41,26 @@ def ws(tmp_path):
     w.close()
 
 
+def add_prompts(cur, image_id: str) -> None:
+    """The prompts of QUESTIONS on one image (p3 held out)."""
+    for pid, q in QUESTIONS.items():
+        cur.execute("INSERT INTO prompts (prompt_id, image_id, question, source, split) VALUES "
+                    "(?, ?, ?, 'test', ?)", [pid, image_id, q, "heldout" if pid == "p3" else "train"])
+
+
 @pytest.fixture
 def prompts_ws(ws, tmp_path):
-    image_id = add_image(ws, make_image(tmp_path / "a.png"))
-    for pid, q in QUESTIONS.items():
-        ws.cursor().execute("INSERT INTO prompts (prompt_id, image_id, question, source, split) VALUES "
-                            "(?, ?, ?, 'test', ?)", [pid, image_id, q, "heldout" if pid == "p3" else "train"])
+    add_prompts(ws.cursor(), add_image(ws, make_image(tmp_path / "a.png")))
     return ws
+
+
+@pytest.fixture
+def prompts_cur(db):
+    """The prompts of QUESTIONS in an in-memory database (an image row, no file: SQL exports read none)."""
+    db.execute("INSERT INTO images (image_id, path, width, height, format, n_bytes) "
+               "VALUES ('img', 'images/im/img.png', 48, 40, 'PNG', 1)")
+    add_prompts(db, "img")
+    return db
 
 
 @pytest.fixture
@@ -67,18 +80,18 @@ def pairs_ws(ws, tmp_path):
     return ws
 
 
-def expected_rows(ws) -> list[dict]:
-    rel = ws.cursor().execute(QUERY)
+def expected_rows(cur) -> list[dict]:
+    rel = cur.execute(QUERY)
     cols = [d[0] for d in rel.description]
     return [dict(zip(cols, r)) for r in rel.fetchall()]
 
 
 # ---------------------------------------------------------------- SQL exports
 
-def test_parquet_jsonl_csv_round_trip(prompts_ws, tmp_path):
-    want = expected_rows(prompts_ws)
+def test_parquet_jsonl_csv_round_trip(prompts_cur, tmp_path):
+    want = expected_rows(prompts_cur)
     assert len(want) == 3
-    cur = prompts_ws.cursor()
+    cur = prompts_cur
     assert export.export_query(cur, QUERY, tmp_path / "q.parquet", "parquet") == 3
     assert pq.read_table(tmp_path / "q.parquet").to_pylist() == want
     assert export.export_query(cur, QUERY, tmp_path / "q.jsonl", "jsonl") == 3
@@ -91,8 +104,8 @@ def test_parquet_jsonl_csv_round_trip(prompts_ws, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [], "no temp files left"
 
 
-def test_limit_and_run_query(prompts_ws, tmp_path):
-    cur = prompts_ws.cursor()
+def test_limit_and_run_query(prompts_cur, tmp_path):
+    cur = prompts_cur
     assert export.export_query(cur, QUERY + " -- a trailing comment", tmp_path / "l.parquet", "parquet",
                                limit=2) == 2
     assert pq.read_table(tmp_path / "l.parquet").column("prompt_id").to_pylist() == ["p1", "p2"]
@@ -105,9 +118,9 @@ def test_limit_and_run_query(prompts_ws, tmp_path):
         export.export_query(cur, QUERY, tmp_path / "x.xlsx", "xlsx")
 
 
-def test_failed_query_leaves_no_file_and_says_why(prompts_ws, tmp_path):
+def test_failed_query_leaves_no_file_and_says_why(prompts_cur, tmp_path):
     with pytest.raises(UsageError, match="the query failed: .*no_such_column"):
-        export.export_query(prompts_ws.cursor(), "SELECT no_such_column FROM prompts", tmp_path / "f.csv", "csv")
+        export.export_query(prompts_cur, "SELECT no_such_column FROM prompts", tmp_path / "f.csv", "csv")
     assert list(tmp_path.glob("*f.csv*")) == []
 
 
@@ -198,18 +211,18 @@ def test_pair_export_jsonl_llava_and_embedded(pairs_ws, tmp_path):
         export.export_pairs(cur, root, tmp_path / "x.parquet", round_id=7)
 
 
-def test_empty_pair_export_has_columns(ws, tmp_path):
+def test_empty_pair_export_has_columns(db, tmp_path):
     import datasets
 
-    assert export.export_pairs(ws.cursor(), ws.root, tmp_path / "e.parquet") == 0
+    assert export.export_pairs(db, tmp_path, tmp_path / "e.parquet") == 0
     table = pq.read_table(tmp_path / "e.parquet")
     assert table.num_rows == 0 and table.schema.names == export.PAIR_SCHEMA.names
     # datasets.load_dataset refuses any 0-row file ("corresponds to no data"); the schema is still there.
     features = datasets.Features.from_dict(json.loads(table.schema.metadata[b"huggingface"])["info"]["features"])
     assert isinstance(features["images"].feature, datasets.Image) and list(features) == table.schema.names
-    assert export.export_pairs(ws.cursor(), ws.root, tmp_path / "e.jsonl", "jsonl") == 0
+    assert export.export_pairs(db, tmp_path, tmp_path / "e.jsonl", "jsonl") == 0
     assert (tmp_path / "e.jsonl").read_text() == ""
-    assert export.export_pairs(ws.cursor(), ws.root, tmp_path / "e.json", "llava") == 0
+    assert export.export_pairs(db, tmp_path, tmp_path / "e.json", "llava") == 0
     assert json.loads((tmp_path / "e.json").read_text()) == []
 
 

@@ -25,9 +25,7 @@ from storage import audit
 from storage import prompts as prompts_db
 from storage import users as users_db
 from storage.workspace import open_workspace
-from tests.conftest import REPO, make_image, run_cli
-from tests.test_review_handlers import build_workspace
-from tests.test_server import _wait_port, free_port
+from tests.helpers import REPO, build_workspace, free_port, make_image, run_cli, wait_port, wait_until
 
 ME = f"cli:{getpass.getuser()}"
 
@@ -225,10 +223,8 @@ def test_serve_subprocess_forwards_and_cleans_up(tmp_path):
                             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_port(port, proc)
-        t0 = time.time()
-        while not (tmp_path / "ws" / "admin.json").exists() and time.time() - t0 < 30:
-            time.sleep(0.2)
+        wait_port(port, proc)
+        wait_until((tmp_path / "ws" / "admin.json").exists, 30, "serve to write admin.json")
         assert json.loads((tmp_path / "ws" / "admin.json").read_text())["pid"] == proc.pid
         r = run_cli("users", "list", "-w", w)
         assert r.returncode == 0 and "boss" in r.stdout, r.stderr

@@ -17,10 +17,12 @@ from PIL import Image
 
 from backend.engines import ENGINES, EngineSpec, GenRequest, HFEngine, SamplingSpec, make_engine
 from backend.engines import vllm as vllm_engine
-from backend.jobs.generate import SCHEMA, candidate_id, load_config
+from backend.jobs.configs import GenerateJobConfig, load_job_config
+from backend.jobs.generate import SCHEMA, candidate_id
 from backend.jobs.generate import main as generate_main
+from core.config import GenerationConfig, PolicyConfig
 from core.errors import ConfigError, ModelNotAvailable, UsageError
-from tests.conftest import REPO, make_image
+from tests.helpers import REPO, make_image
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 QUESTIONS = ["What is in the image?", "What color is the car?", "How many apples are there?"]
@@ -175,10 +177,14 @@ def write_run(run_dir: Path, model_dir: Path, n_prompts: int = 3, **overrides) -
              "image_path": str(make_image(run_dir / "img" / f"{i}.png", color=(80 * i, 40, 160)).resolve())}
             for i in range(n_prompts)]
     pq.write_table(pa.Table.from_pylist(rows), run_dir / "prompts.parquet")
-    config = {"model_path": str(model_dir), "engine": "hf", "dtype": "float32", "device": "cpu", "k": 2,
-              "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 8, "seed": 7, "batch_size": 2,
-              "views": ["original", "aug:diffusion:500", "aug:flip"], "round_id": 1, "checkpoint_id": "c0",
-              "model_name": "tiny", "tensor_parallel_size": 1, **overrides}
+    flat = {"model_path": str(model_dir), "engine": "hf", "dtype": "float32", "device": "cpu", "k": 2,
+            "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 8, "seed": 7, "batch_size": 2,
+            "views": ["original", "aug:diffusion:500", "aug:flip"], "round_id": 1, "checkpoint_id": "c0",
+            "model": "tiny", "tensor_parallel_size": 1, **overrides}
+    # the owner's nested form: the workspace's policy and generation sections beside the run's keys
+    sections = {"policy": PolicyConfig.model_fields, "generation": GenerationConfig.model_fields}
+    config = {name: {k: v for k, v in flat.items() if k in fields} for name, fields in sections.items()}
+    config.update({k: v for k, v in flat.items() if not any(k in fields for fields in sections.values())})
     (run_dir / "config.json").write_text(json.dumps(config))
     return run_dir
 
@@ -263,7 +269,7 @@ def test_job_config_errors_name_the_key(tiny_model_dir, tmp_path):
     cfg["temprature"] = 0.5
     (run_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError) as exc:
-        load_config(run_dir)
+        load_job_config(run_dir, GenerateJobConfig)
     assert "round_id: Field required" in str(exc.value) and "temprature: unknown key" in str(exc.value)
 
 

@@ -16,7 +16,7 @@ from storage import images as images_db
 from storage import prompts as prompts_db
 from storage import rounds
 from storage.workspace import open_workspace
-from tests.conftest import make_image, run_cli
+from tests.helpers import make_image, run_cli
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

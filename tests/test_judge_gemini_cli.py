@@ -8,8 +8,8 @@ import duckdb
 
 from app.cli import main as cli_main
 from core import config as cfgmod
-from tests.conftest import make_image
 from tests.fakes.gemini_server import FakeGemini
+from tests.helpers import make_image
 
 KEY = "fake-KEY-never-stored-9f3a"
 

@@ -29,7 +29,7 @@ from storage import judgments as jstore
 from storage import prompts as prompts_db
 from storage import rounds
 from storage.workspace import init_workspace
-from tests.conftest import make_image, run_cli
+from tests.helpers import make_image, run_cli
 
 easy_vqa = pytest.importorskip("easy_vqa")
 
@@ -64,7 +64,7 @@ def test_registry_names_every_judge_and_the_cli_offers_them():
 def test_registry_builds_critic_and_reference_with_versions(tmp_path):
     cfg = cfgmod.update(cfgmod.WorkspaceConfig(), {"judges.critic.mode": "pairwise"})
     critic = make_judge("critic", cfg, tmp_path)
-    assert (critic.name, critic.version, critic.per_candidate) == ("critic", "pairwise-v1", False)
+    assert (critic.name, critic.version, critic.traits.per_candidate) == ("critic", "pairwise-v1", False)
     assert make_judge("critic", cfgmod.WorkspaceConfig(), tmp_path).version == "pointwise-v1"
     assert judge_version("rubric") == f"rubric-v1+{rubric.TEMPLATE_VERSION}"
     ref = make_judge("reference", cfg, tmp_path)

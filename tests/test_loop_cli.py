@@ -8,7 +8,7 @@ import duckdb
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import make_image, run_cli
+from tests.helpers import make_image, run_cli
 
 
 @pytest.fixture(scope="module")

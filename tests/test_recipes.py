@@ -12,9 +12,8 @@ from app.cli import main as cli_main
 from backend import recipes
 from core import config as cfgmod
 from core.errors import ConfigError, UsageError
-from tests.conftest import REPO
 from tests.fakes.gemini_server import METRICS, FakeGemini
-from tests.test_rounds import make_ws, q
+from tests.helpers import REPO, make_ws, q
 
 REAL = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 

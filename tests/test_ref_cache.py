@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import make_pairs, make_run, of, run_job
 
 from backend import dpo, ref_cache
 from core.config import TrainConfig
 from core.errors import JobFailed
+from tests.helpers import free_port, make_pairs, make_run, of, run_job, run_launcher
 
 TOL = 1e-5
 STEPS = 3  # 6 pairs, batch 2
@@ -263,8 +263,6 @@ def test_full_finetune_retry_does_not_load_a_separate_reference(tiny_model_dir, 
 def test_zero3_two_ranks_share_the_cache_and_agree_on_reference_forwards(tiny_model_dir, tmp_path):
     """Each rank appends its own part file; a rank whose pairs are cached still joins the (collective)
     reference forward of a rank with a miss, so a half-filled cache neither hangs nor changes the losses."""
-    from test_deepspeed import free_port, run
-
     from backend.launch import train_command
 
     pairs = make_pairs(tmp_path, 6)
@@ -272,11 +270,11 @@ def test_zero3_two_ranks_share_the_cache_and_agree_on_reference_forwards(tiny_mo
     run_dir = make_run(tmp_path, tiny_model_dir, pairs, batch_size=1, launcher="deepspeed", num_processes=2,
                        zero_stage=3, max_steps=3, merge=False, ref_cache_dir=str(cache_dir))
     cfg = TrainConfig(launcher="deepspeed", num_processes=2, zero_stage=3)
-    cold, _ = run(train_command(run_dir, cfg, master_port=free_port()))
+    cold, _ = run_launcher(train_command(run_dir, cfg, master_port=free_port()))
     parts = sorted(cache_dir.glob("part-*.jsonl"))
     assert len(parts) == 2 and all(len(p.read_text().splitlines()) == 3 for p in parts)
     parts[1].unlink()  # one rank's pairs stay cached, the other's are gone: every step mixes both
-    half, _ = run(train_command(run_dir, cfg, master_port=free_port()))
+    half, _ = run_launcher(train_command(run_dir, cfg, master_port=free_port()))
     # (a fully cached run is the single-process tests' case; a third launch here would add ~35 s)
     assert cache_summary(cold)["ref_forwards"] == 3 and cache_summary(half)["ref_forwards"] == 3
     # rank 0 reports: whichever half it holds, it ran all 3 reference forwards (they are collective)

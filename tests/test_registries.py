@@ -5,9 +5,16 @@ from __future__ import annotations
 import importlib
 import re
 
+import pytest
+
+from annotators import registry as judges
 from app.cli import COMMANDS
+from backend import dpo
 from backend.pairs import STRATEGIES
-from tests.conftest import REPO, run_cli
+from core import config as cfgmod
+from core import names
+from core.errors import ConfigError
+from tests.helpers import REPO, run_cli
 
 README = (REPO / "README.md").read_text()
 
@@ -44,3 +51,30 @@ def test_every_command_help_runs():
 
 def test_pair_strategies_match_readme():
     assert _readme_table_names("strategy") == set(STRATEGIES)
+
+
+def test_config_names_match_the_implementation_registries():
+    """core.names (what prefloop.toml is checked against on load) and the registries agree, in order."""
+    assert list(names.PAIR_STRATEGIES) == list(STRATEGIES)
+    assert list(names.LOSSES) == list(dpo.LOSSES)
+    assert list(names.JUDGES) == list(judges.JUDGES)
+    assert judges.DESCRIPTIONS is names.JUDGES
+    for registry in (names.PAIR_STRATEGIES, names.LOSSES, names.JUDGES):
+        assert all(isinstance(d, str) and d and "\n" not in d for d in registry.values())
+
+
+@pytest.mark.parametrize(("section", "key", "value", "kind", "registry"), [
+    ("pairs", "strategy", '"best-of-n"', "pair strategy", names.PAIR_STRATEGIES),
+    ("pairs", "judge", '"gemini:v2"', "judge", names.JUDGES),
+    ("train", "loss", '["sigmoid", "kto"]', "loss type", names.LOSSES),
+    ("judges", "default", '["reference", "oracle"]', "judge", names.JUDGES),
+    ("round", "eval_judge", '"oracle"', "judge", names.JUDGES),
+])
+def test_an_unknown_name_fails_when_the_config_loads(tmp_path, section, key, value, kind, registry):
+    path = tmp_path / cfgmod.CONFIG_NAME
+    path.write_text(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as err:
+        cfgmod.load(path)
+    bad = re.findall(r'"([^"]+)"', value)[-1]
+    assert str(err.value).startswith(f"{path}: {section}.{key}: unknown {kind} {bad!r}; "
+                                     f"choose one of: {', '.join(registry)} (got ")

@@ -3,7 +3,6 @@ disagreement marks, every kind of decision, undo, role refusals, escaping, login
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import typing
@@ -11,35 +10,27 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from app.server import AppContext
+from app.server import AppContext, queue_cache
 from app.server import review as rv
 from app.server.auth import Authenticator, require
 from core import config as cfgmod
 from core.errors import AuthError, UsageError
 from storage import audit, rounds
-from storage import images as images_db
+from storage import claims as claims_db
+from storage import labels as labels_db
 from storage import pairs as pairs_db
 from storage import prompts as prompts_db
-from storage import review as review_db
+from storage import review_items as items_db
+from storage import review_queue as queue_db
 from storage import users as users_db
-from storage.workspace import init_workspace
-from tests.conftest import make_image
+from tests.helpers import SCORES, add_judgment, build_workspace
 
-# Per prompt: (critic overall per candidate, gemini overall per candidate); None = no judgments.
-SCORES = {
-    "p0": ([0.9, 0.5, 0.1], [0.9, 0.5, 0.1]),   # disagreement 0,    critic margin 0.8,  gemini margin 0.8
-    "p1": ([0.6, 0.5, 0.4], [0.6, 0.5, 0.0]),   # disagreement 0.4,  critic margin 0.2,  gemini margin 0.6
-    "p2": ([0.8, 0.2, 0.3], [0.1, 0.2, 0.3]),   # disagreement 0.7,  critic margin 0.6,  gemini margin 0.2
-    "p3": ([0.5, 0.45, 0.5], [0.5, 0.5, 0.5]),  # disagreement 0.05, critic margin 0.05, gemini margin 0
-    "p4": None,                                 # unscored: last in both
-}
+# Queue order of helpers.SCORES' prompts per queue_order.
 EXPECTED = {
     "disagreement": ["p2", "p1", "p3", "p0", "p4"],
     "margin": ["p3", "p1", "p2", "p0", "p4"],          # AI-pair judge: alphabetically first (critic)
     "in_order": ["p0", "p1", "p2", "p3", "p4"],
 }
-XSS_Q = 'What is <script>alert("q")</script> here?'
-XSS_A = '<img src=x onerror=alert(1)> and <b>bold</b> & "quotes"'
 
 
 class Clock:
@@ -51,52 +42,6 @@ class Clock:
 
     def advance(self, **kw) -> None:
         self.now += timedelta(**kw)
-
-
-def add_judgment(cur, cid: str, judge: str, overall: float, **cols) -> None:
-    cols = {"helpfulness": None, "correctness": None, "coherence": None, "complexity": None, "verbosity": None,
-            "score": None, "reasoning": None, **cols}
-    cur.execute("""INSERT INTO judgments (judgment_id, candidate_id, judge, judge_version, helpfulness, correctness,
-                       coherence, complexity, verbosity, score, overall, reasoning, status)
-                   VALUES (?, ?, ?, 'v1', ?, ?, ?, ?, ?, ?, ?, ?, 'ok')""",
-                [f"{judge}:{cid}", cid, judge, cols["helpfulness"], cols["correctness"], cols["coherence"],
-                 cols["complexity"], cols["verbosity"], cols["score"], overall, cols["reasoning"]])
-
-
-def build_workspace(root, *, overlap: int = 1, order: str = "disagreement", model: str = "tiny",
-                    pairs_judge: str | None = None, scores: dict | None = None, k: int = 3):
-    """A workspace with one image, prompts p0..pN (3 candidates each, critic + gemini judgments) and users."""
-    cfg = cfgmod.WorkspaceConfig(policy=cfgmod.PolicyConfig(model=model),
-                                 pairs=cfgmod.PairsConfig(judge=pairs_judge),
-                                 review=cfgmod.ReviewConfig(overlap=overlap, queue_order=order))
-    ws = init_workspace(root, cfg)
-    cur = ws.cursor()
-    rounds.ensure_first_round(cur, base_model=model)
-    src = make_image(root.parent / "src.png")
-    data = src.read_bytes()
-    image_id = hashlib.sha256(data).hexdigest()
-    rel = images_db.store_relpath(image_id, "PNG")
-    images_db.write_atomic(ws.root / rel, data)
-    images_db.insert_images(cur, [{"image_id": image_id, "path": rel, "width": 48, "height": 40, "format": "PNG",
-                                   "n_bytes": len(data)}])
-    scores = SCORES if scores is None else scores
-    prompts_db.insert_prompts(cur, [{"prompt_id": pid, "image_id": image_id, "question": f"{XSS_Q} ({pid})",
-                                     "source": "test", "split": "train"} for pid in scores])
-    prompts_db.insert_candidates(cur, [{"candidate_id": f"{pid}c{i}", "prompt_id": pid, "round_id": 1,
-                                        "text": f"answer {i} of {pid}: {XSS_A}", "origin": "policy", "sample_index": i}
-                                       for pid in scores for i in range(k)])
-    for pid, sc in scores.items():
-        if sc is None:
-            continue
-        critic, gemini = sc
-        for i in range(k):
-            add_judgment(cur, f"{pid}c{i}", "critic", critic[i], score=critic[i] * 100)
-            add_judgment(cur, f"{pid}c{i}", "gemini", gemini[i], helpfulness=gemini[i] * 4, correctness=2, coherence=3,
-                         complexity=1, verbosity=2, reasoning=f"<script>steal()</script> reasoning {i}")
-    users_db.add_user(cur, "boss", "admin", "boss-password")
-    for name in ("ann", "bob", "cat"):
-        users_db.add_user(cur, name, "annotator", f"{name}-password")
-    return ws
 
 
 @pytest.fixture
@@ -119,32 +64,49 @@ def make_ctx(tmp_path, clock):
 
 
 def served(view: rv.View) -> str | None:
-    return view.state["item"]["prompt_id"] if view.state.get("item") else None
+    return view.state.item.prompt_id if view.state.item else None
 
 
 def labels(ctx, prompt_id=None) -> list[dict]:
     return prompts_db.list_labels(ctx.ws.cursor(), prompt_id=prompt_id)
 
 
+def seed(cur, scores: dict, k: int = 3) -> None:
+    """Round 1 of a bare database (the ``db`` fixture) with ``build_workspace``'s rows for ``scores``: prompts
+    p0..pN on one image row (no file), k candidates each, critic + gemini judgments."""
+    rounds.ensure_first_round(cur, base_model="tiny")
+    cur.execute("INSERT INTO images (image_id, path, width, height, format, n_bytes) "
+                "VALUES ('img', 'images/im/img.png', 48, 40, 'PNG', 1)")
+    prompts_db.insert_prompts(cur, [{"prompt_id": pid, "image_id": "img", "question": f"q {pid}", "source": "test",
+                                     "split": "train"} for pid in scores])
+    prompts_db.insert_candidates(cur, [{"candidate_id": f"{pid}c{i}", "prompt_id": pid, "round_id": 1,
+                                        "text": f"answer {i} of {pid}", "origin": "policy", "sample_index": i}
+                                       for pid in scores for i in range(k)])
+    for pid, sc in scores.items():
+        for judge, overall in zip(("critic", "gemini"), sc or ()):
+            for i in range(k):
+                add_judgment(cur, f"{pid}c{i}", judge, overall[i])
+
+
 # ------------------------------------------------------------------------------------------------ queue
 
 def test_queue_registry_matches_config_choices():
     allowed = typing.get_args(cfgmod.ReviewConfig.model_fields["queue_order"].annotation)
-    assert set(review_db.QUEUE_ORDERS) == set(allowed)
+    assert set(queue_db.QUEUE_ORDERS) == set(allowed)
 
 
-@pytest.mark.parametrize("order", list(review_db.QUEUE_ORDERS))
+@pytest.mark.parametrize("order", list(queue_db.QUEUE_ORDERS))
 def test_queue_order_is_stored_and_served_in_order(make_ctx, order):
     ctx = make_ctx(order=order)
     cur = ctx.ws.cursor()
-    assert review_db.refresh_queue(cur, 1) == 5
-    ranks = [r["prompt_id"] for r in review_db.queue_ranks(cur, 1, order)]
+    assert queue_db.refresh_queue(cur, 1) == 5
+    ranks = [r["prompt_id"] for r in queue_db.queue_ranks(cur, 1, order)]
     if order in EXPECTED:
         assert ranks == EXPECTED[order]
     else:  # random: a fixed permutation per round, the same after a refresh
         assert sorted(ranks) == sorted(SCORES)
-        review_db.refresh_queue(cur, 1)
-        assert [r["prompt_id"] for r in review_db.queue_ranks(cur, 1, order)] == ranks
+        queue_db.refresh_queue(cur, 1)
+        assert [r["prompt_id"] for r in queue_db.queue_ranks(cur, 1, order)] == ranks
     seen, state = [], None
     view = rv.next_item(ctx, "ann", state)
     while served(view):
@@ -154,18 +116,18 @@ def test_queue_order_is_stored_and_served_in_order(make_ctx, order):
     assert "Nothing to review" in view.html
 
 
-def test_margin_order_uses_configured_judge(make_ctx):
-    ctx = make_ctx(order="margin", pairs_judge="gemini")
-    cur = ctx.ws.cursor()
-    review_db.refresh_queue(cur, 1, judge="gemini")
-    assert [r["prompt_id"] for r in review_db.queue_ranks(cur, 1, "margin")] == ["p3", "p2", "p1", "p0", "p4"]
+def test_margin_order_uses_configured_judge(db):
+    seed(db, SCORES)
+    cur = db
+    queue_db.refresh_queue(cur, 1, judge="gemini")
+    assert [r["prompt_id"] for r in queue_db.queue_ranks(cur, 1, "margin")] == ["p3", "p2", "p1", "p0", "p4"]
 
 
 def test_queue_is_computed_lazily_and_refresh_is_admin_only(make_ctx):
     ctx = make_ctx()
-    assert review_db.queue_state(ctx.ws.cursor(), 1) is None
+    assert queue_db.queue_state(ctx.ws.cursor(), 1) is None
     assert served(rv.next_item(ctx, "ann", None)) == "p2"
-    assert review_db.queue_size(ctx.ws.cursor(), 1) == 5
+    assert queue_db.queue_size(ctx.ws.cursor(), 1) == 5
     with pytest.raises(AuthError, match="admin"):
         rv.refresh_queue(ctx, "ann")
     assert "5 prompts queued" in rv.refresh_queue(ctx, "boss")
@@ -195,7 +157,7 @@ def test_reload_resumes_the_held_claim(make_ctx):
     first = rv.next_item(ctx, "ann", None)
     again = rv.next_item(ctx, "ann", None)  # new session, same user
     assert served(again) == served(first)
-    assert len(review_db.claims_of(ctx.ws.cursor(), 1)) == 1
+    assert len(claims_db.claims_of(ctx.ws.cursor(), 1)) == 1
 
 
 def test_claim_expires_and_is_taken_over(make_ctx, clock):
@@ -207,7 +169,7 @@ def test_claim_expires_and_is_taken_over(make_ctx, clock):
     clock.advance(minutes=2)
     b = rv.next_item(ctx, "bob", None)
     assert served(b) == "p0", "an idle annotator holds nothing forever"
-    claims = review_db.claims_of(ctx.ws.cursor(), 1)
+    claims = claims_db.claims_of(ctx.ws.cursor(), 1)
     assert [(c["annotator"], c["status"]) for c in claims] == [("bob", "live")]
     # ann submits late: her label is kept, she is told, and bob still holds the prompt
     late = rv.submit(ctx, "ann", a.state, chosen="1", rejected="3")
@@ -230,29 +192,29 @@ def test_overlap_2_at_most_two_annotators_never_the_same_twice(make_ctx):
     cat_next = rv.submit(ctx, "cat", c.state, all_bad=True)
     assert served(cat_next) is None, "p1 is full (ann done + bob live), p0 is cat's already"
     per_prompt = {}
-    for cl in review_db.claims_of(ctx.ws.cursor(), 1):
+    for cl in claims_db.claims_of(ctx.ws.cursor(), 1):
         per_prompt.setdefault(cl["prompt_id"], []).append(cl["annotator"])
     assert all(len(v) <= 2 and len(v) == len(set(v)) for v in per_prompt.values())
 
 
-def test_concurrent_claims_overlap_1_no_prompt_twice_no_label_lost(tmp_path):
-    ws = build_workspace(tmp_path / "ws", scores={f"p{i}": SCORES["p0"] for i in range(40)})
+def test_concurrent_claims_overlap_1_no_prompt_twice_no_label_lost(db):
+    seed(db, {f"p{i}": SCORES["p0"] for i in range(40)})
     now = datetime(2030, 1, 1)
     got: dict[str, list[str]] = {}
     errors = []
 
     def worker(name: str) -> None:
-        cur = ws.cursor()
-        cache = review_db.QueueCache(batch=8)
+        cur = db.cursor()
+        cache = queue_cache.QueueCache(batch=8)
         try:
             while True:
-                pid = review_db.claim_next(cur, 1, name, order="in_order", overlap=1, claim_minutes=15, now=now,
-                                           cache=cache)
+                pid = queue_cache.claim_next(cur, 1, name, order="in_order", overlap=1, claim_minutes=15, now=now,
+                                             cache=cache)
                 if pid is None:
                     return
                 got.setdefault(name, []).append(pid)
-                review_db.submit_label(cur, round_id=1, prompt_id=pid, annotator=name, overlap=1, now=now,
-                                       decision=review_db.Decision(chosen_id=f"{pid}c0", rejected_id=f"{pid}c1"))
+                labels_db.submit_label(cur, round_id=1, prompt_id=pid, annotator=name, overlap=1, now=now,
+                                       decision=labels_db.Decision(chosen_id=f"{pid}c0", rejected_id=f"{pid}c1"))
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -264,8 +226,7 @@ def test_concurrent_claims_overlap_1_no_prompt_twice_no_label_lost(tmp_path):
     assert not errors
     all_served = [p for v in got.values() for p in v]
     assert len(all_served) == len(set(all_served)) == 40
-    assert len(prompts_db.list_labels(ws.cursor())) == 40
-    ws.close()
+    assert len(prompts_db.list_labels(db)) == 40
 
 
 # ------------------------------------------------------------------------------------------------ the screen
@@ -273,8 +234,8 @@ def test_concurrent_claims_overlap_1_no_prompt_twice_no_label_lost(tmp_path):
 def test_ai_pair_highlight_and_confirm(make_ctx):
     ctx = make_ctx(order="in_order")
     view = rv.next_item(ctx, "ann", None)  # p0: critic (default judge) 0.9 / 0.5 / 0.1
-    assert view.state["item"]["ai_pair"]["chosen_id"] == "p0c0"
-    assert view.state["item"]["ai_pair"]["rejected_id"] == "p0c2"
+    assert view.state.item.ai_pair["chosen_id"] == "p0c0"
+    assert view.state.item.ai_pair["rejected_id"] == "p0c2"
     assert 'class="pf-cand pf-ai-chosen" data-candidate="p0c0"' in view.html
     assert 'class="pf-cand pf-ai-rejected" data-candidate="p0c2"' in view.html
     assert "AI pair (critic)" in view.html
@@ -287,8 +248,8 @@ def test_ai_pair_follows_configured_judge(make_ctx):
     ctx = make_ctx(order="disagreement", pairs_judge="gemini")
     view = rv.next_item(ctx, "ann", None)  # p2: gemini 0.1 / 0.2 / 0.3
     assert served(view) == "p2"
-    assert view.state["item"]["ai_pair"]["chosen_id"] == "p2c2"
-    assert view.state["item"]["ai_pair"]["rejected_id"] == "p2c0"
+    assert view.state.item.ai_pair["chosen_id"] == "p2c2"
+    assert view.state.item.ai_pair["rejected_id"] == "p2c0"
 
 
 def test_disagreement_mark_and_judge_shapes(make_ctx):
@@ -376,7 +337,7 @@ def test_active_seconds_capped(make_ctx, clock):
     clock.advance(seconds=300)
     rv.submit(ctx, "ann", v.state, chosen="1", rejected="2")  # an API client: idle gap counted up to 60 s
     assert [lb["active_seconds"] for lb in labels(ctx)] == [30.0, 42.5, 60.0]
-    day = review_db.annotator_day(ctx.ws.cursor(), "ann")
+    day = items_db.annotator_day(ctx.ws.cursor(), "ann")
     assert day["labels"] == 3 and day["active_seconds"] == pytest.approx(132.5)
 
 
@@ -398,8 +359,8 @@ def test_undo_appends_and_reopens_the_item(make_ctx):
     assert [(r["prompt_id"], r["chosen_id"]) for r in latest] == [("p0", "p0c1")]
     assert [a["action"] for a in audit.recent(ctx.ws.cursor()) if a["action"] in ("label", "undo")] == \
         ["label", "undo", "label"]
-    with pytest.raises(review_db.UndoRefused):
-        review_db.undo_label(ctx.ws.cursor(), rows[0]["label_id"], "bob", overlap=1, now=ctx.clock())
+    with pytest.raises(labels_db.UndoRefused):
+        labels_db.undo_label(ctx.ws.cursor(), rows[0]["label_id"], "bob", overlap=1, now=ctx.clock())
 
 
 def test_labels_after_freeze_are_kept_and_queue_moves_on(make_ctx):
@@ -416,7 +377,7 @@ def test_labels_after_freeze_are_kept_and_queue_moves_on(make_ctx):
                                        for i in range(2)])
     v = rv.submit(ctx, "ann", v.state, chosen="1", rejected="2")
     assert [(r["round_id"], r["prompt_id"]) for r in labels(ctx)] == [(1, "p0")], "kept after the freeze"
-    assert v.state["item"] == {**v.state["item"], "round_id": 2, "prompt_id": "p4"}
+    assert (v.state.item.round_id, v.state.item.prompt_id) == (2, "p4")
     assert "round 2 answer" in v.html
 
 

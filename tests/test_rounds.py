@@ -6,53 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import duckdb
 import psutil
 import pytest
 
 from app.cli import main as cli_main
-from core import config as cfgmod
-from tests.conftest import REPO, make_image
-
-ROUND_CONFIG = {"generation.k": 2, "generation.max_new_tokens": 8, "generation.views": ["original", "aug:hflip"],
-                "round.eval_judge": "reference", "train.batch_size": 2}
-
-
-def make_data(root: Path) -> Path:
-    data = root / "data"
-    rows = []
-    for i in range(5):
-        make_image(data / f"img{i}.png", size=(40 + i, 36), color=(50 * i % 255, 90, 200 - 30 * i))
-        rows.append({"image": f"img{i}.png", "question": f"What colour is shape {i}?"})
-    for i in range(2):
-        rows.append({"image": f"img{i}.png", "question": f"Which colour is it, {i}?", "split": "heldout",
-                     "reference": "red"})
-    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return data / "q.jsonl"
-
-
-def make_ws(root: Path, tiny_model_dir: Path, **changes) -> Path:
-    """A workspace with the test data imported and the small round config (CLI in-process)."""
-    import shutil
-
-    ws = root / "ws"
-    assert cli_main(["init", str(ws), "--model", "tiny"]) == 0
-    shutil.copytree(tiny_model_dir, ws / "checkpoints" / "c0")
-    assert cli_main(["import", "-w", str(ws), str(make_data(root))]) == 0
-    cfg = cfgmod.update(cfgmod.load(ws / "prefloop.toml"), {**ROUND_CONFIG, **changes})
-    cfgmod.save(cfg, ws / "prefloop.toml")
-    return ws
-
-
-def q(ws: Path, sql: str, params=None):
-    con = duckdb.connect(str(ws / "prefloop.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
+from tests.helpers import REPO, cpu_seconds, make_ws, q, wait_for_job, wait_until
 
 
 def counts(ws: Path, round_id: int) -> tuple:
@@ -129,20 +89,6 @@ def _owner(ws: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for_child(owner: subprocess.Popen, needle: str, timeout: float = 300) -> psutil.Process:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert owner.poll() is None, owner.communicate()
-        for child in psutil.Process(owner.pid).children(recursive=True):
-            try:
-                if needle in " ".join(child.cmdline()):
-                    return child
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.2)
-    raise AssertionError(f"no {needle} job appeared")
-
-
 # A killed train step: tests/reliability/test_app_kill9.py kills `prefloop serve` while its train job runs
 # (the job dies with it, the step is failed, `round resume` retrains), and test_ref_cache.py re-runs a train
 # job in the same folder; here a killed generate job.
@@ -150,8 +96,9 @@ def _wait_for_child(owner: subprocess.Popen, needle: str, timeout: float = 300) 
 def test_kill9_then_resume_matches_uninterrupted(victim, tmp_path, tiny_model_dir, two_rounds):
     ws = make_ws(tmp_path, tiny_model_dir)
     owner = _owner(ws)
-    job = _wait_for_child(owner, victim)
-    time.sleep(1.0)
+    job = wait_for_job(owner, victim, timeout=300)
+    # killed once it is at work (0.5 s of its own CPU time: still loading, whatever the machine's load)
+    wait_until(lambda: cpu_seconds(job) >= 0.5, 60, f"the {victim} job to use 0.5 s of CPU")
     job.send_signal(signal.SIGKILL)
     owner.wait(120)
     assert owner.returncode != 0
@@ -171,7 +118,11 @@ class PreferFirstCheckpoint:
     version = "v1"
 
     def __init__(self, parent_ids: set[str]):
+        from annotators.base import JudgeHooks, JudgeTraits
+
         self.parent_ids = parent_ids
+        self.traits = JudgeTraits()
+        self.hooks = JudgeHooks()
 
     def judge(self, items):
         from annotators.base import CandidateScore, Verdict
@@ -184,7 +135,9 @@ class PreferFirstCheckpoint:
 def test_if_not_worse_does_not_promote_a_worse_round(tmp_path, tiny_model_dir, monkeypatch):
     from annotators import registry
     from backend.jobs.generate import candidate_id
+    from core import names
 
+    monkeypatch.setitem(names.JUDGES, "rigged", "prefers the parent checkpoint's answers")  # a name the config accepts
     ws = make_ws(tmp_path, tiny_model_dir, **{"round.promote": "if_not_worse", "round.eval_judge": "rigged"})
     heldout = [r[0] for r in q(ws, "SELECT prompt_id FROM prompts WHERE split = 'heldout'")]
     parent_ids = {candidate_id(1, "c0", p, "original", 0) for p in heldout}

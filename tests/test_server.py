@@ -4,12 +4,9 @@ the file route, escaping; the `prefloop users` and `prefloop serve` commands in 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -22,14 +19,7 @@ from storage import audit
 from storage import prompts as prompts_db
 from storage import users as users_db
 from storage.workspace import init_workspace, open_workspace
-from tests.conftest import REPO, run_cli
-from tests.test_review_handlers import build_workspace
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import REPO, build_workspace, free_port, run_cli, shown, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +38,6 @@ def server(tmp_path_factory):
 
 def client(url: str, name: str, password: str | None = None) -> Client:
     return Client(url, auth=(name, password or f"{name}-password"), verbose=False)
-
-
-def shown(html_: str) -> str | None:
-    """The prompt id the review screen shows (from its "round N · prompt X" line)."""
-    m = re.search(r"· prompt ([\w-]+)</div>", html_)
-    return m.group(1) if m else None
 
 
 def test_login_label_and_read_back(server):
@@ -145,18 +129,6 @@ def test_users_command(tmp_path):
         assert "lead-password-1" not in dump and "ann-password" not in dump
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited early: {proc.stderr.read()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError("serve did not start")
-
-
 def test_serve_command_owns_the_workspace(tmp_path):
     ws = build_workspace(tmp_path / "ws")
     ws.close()
@@ -170,7 +142,7 @@ def test_serve_command_owns_the_workspace(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "-w", w, "--port", str(port)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_port(port, proc)
+        wait_port(port, proc)
         c = client(f"http://127.0.0.1:{port}/", "cat")
         assert shown(c.predict(api_name="/next")[0]) == "p2"
         c.predict("1", "2", "", False, "", None, api_name="/submit")

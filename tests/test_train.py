@@ -5,60 +5,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, make_image
 
-LM_WEIGHT = "language_model.model.layers.0.self_attn.q_proj.weight"  # as saved on disk
-
-
-def make_pairs(root: Path, n: int = 6) -> list[dict]:
-    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200),
-              (120, 120, 120), (10, 10, 10)]
-    rows = []
-    for i in range(n):
-        image = make_image(root / "images" / f"img{i}.png", color=colors[i % len(colors)])
-        rows.append({"prompt_id": f"p{i}", "chosen_id": f"p{i}-c", "rejected_id": f"p{i}-r",
-                     "image_path": str(image), "question": f"What color is the car number {i}?",
-                     "chosen_text": f"The car is blue and there are {i + 1} apples on the table.",
-                     "rejected_text": f"A horse runs near {i + 2} coins."})
-    return rows
-
-
-def make_run(root: Path, model_path: Path, pairs: list[dict], ref_model_path: Path | None = None,
-             checkpoint_id: str = "c1", parent_id: str = "c0", **train) -> Path:
-    run_dir = root / f"run-{checkpoint_id}"
-    run_dir.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(pairs), run_dir / "pairs.parquet")
-    config = {"model_path": str(model_path), "ref_model_path": str(ref_model_path or model_path),
-              "output_dir": str(root / "checkpoints" / checkpoint_id), "round_id": 1,
-              "checkpoint_id": checkpoint_id, "parent_id": parent_id, "base_model": "tiny",
-              "pairs_hash": f"hash-{checkpoint_id}", "device": "cpu", "dtype": "float32",
-              "lora_r": 4, "lora_alpha": 8, "batch_size": 2, "learning_rate": 1e-3, **train}
-    (run_dir / "config.json").write_text(json.dumps(config))
-    return run_dir
-
-
-def run_job(run_dir: Path, timeout: float = 600) -> tuple[int, list[dict], str]:
-    proc = subprocess.run([sys.executable, "-m", "backend.jobs.train", str(run_dir)], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=timeout)
-    events = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is the JSON-lines protocol only
-    return proc.returncode, events, proc.stderr
-
-
-def of(events: list[dict], kind: str) -> list[dict]:
-    return [e for e in events if e["event"] == kind]
-
-
-def weight(folder: Path, name: str = LM_WEIGHT):
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))[name]
+from tests.helpers import make_pairs, make_run, of, run_job, weight
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +183,7 @@ def test_unknown_loss_and_weight_mismatch_are_refused():
     from core.errors import JobFailed
 
     with pytest.raises(JobFailed, match="unknown loss type 'kto'.*sigmoid, ipo, hinge, robust, sft"):
-        dpo.loss_args(TrainConfig(loss=["kto"]))
+        dpo.loss_args(TrainConfig.model_construct(loss=["kto"]))  # loading a TrainConfig refuses the name
     with pytest.raises(JobFailed, match="one weight per loss type"):
         dpo.loss_args(TrainConfig(loss=["sigmoid", "sft"], loss_weights=[1.0]))
 

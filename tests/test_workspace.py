@@ -15,7 +15,7 @@ from core import config as cfgmod
 from core.errors import ConfigError, NotAWorkspace, WorkspaceInUse
 from storage import migrations
 from storage.workspace import init_workspace, open_workspace
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 
 def test_migrations_from_empty_and_idempotent(tmp_path):

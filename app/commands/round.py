@@ -9,8 +9,7 @@ from pathlib import Path
 from app.commands._ws import actor, workspace_for
 from app.progress import TerminalEvents
 from backend import loop
-from core import config as cfgmod
-from storage import audit, rounds
+from storage import rounds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,42 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
 
 
-def load_overrides(recipe: str | None, config: Path | None, base: cfgmod.WorkspaceConfig | None = None) -> dict:
-    """The config overrides of a packaged recipe (by name) or of an override file (``--config``).
-
-    Both go through ``backend.recipes``: validated on load (an unknown key is named), the ``[recipe]``
-    metadata dropped, and the ``[tiny]`` table applied when the policy model of ``base`` (the workspace
-    config) is ``tiny``; on a real policy model a recipe also checks the models it needs are real.
-    """
-    from backend import recipes
-
-    if recipe:
-        loaded = recipes.load(recipe)
-    elif config is not None:
-        loaded = recipes.load_file(config, require_meta=False)
-    else:
-        return {}
-    base = base or cfgmod.WorkspaceConfig()
-    return loaded.resolve(base)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-def apply_overrides(ws, overrides: dict, source: str) -> None:
-    if overrides:
-        ws.config = cfgmod.validate(_merge(ws.config.model_dump(), overrides), source)
-
-
-def _print_result(res: dict) -> None:
-    print(f"trained {res['trained']} round(s); {res['stopped']}")
-
-
-def _run(ws, n: int, quiet: bool, verbose: bool) -> dict:
+def _run(plan: loop.RoundRun, quiet: bool, verbose: bool) -> dict:
     def show_steps(ev, inner):
         if ev.get("event") == "step" and not quiet:
             extra = f" ({ev['seconds']} s)" if ev.get("status") == "done" else ""
@@ -75,16 +39,7 @@ def _run(ws, n: int, quiet: bool, verbose: bool) -> dict:
         inner(ev)
 
     with TerminalEvents("round", verbose=verbose, quiet=quiet) as events:
-        cur = ws.cursor()
-        r = rounds.current_round(cur)
-        rounds.set_round(cur, r["round_id"], config={"loop": {"remaining": n}, "resolved": ws.config.model_dump()})
-        res = loop.run_rounds(ws, n, on_event=lambda ev: show_steps(ev, events))
-        cur2 = ws.cursor()
-        now = rounds.current_round(cur2)
-        remaining = max(n - res["trained"], 0)
-        rounds.set_round(cur2, now["round_id"], config={"loop": {"remaining": remaining},
-                                                        "resolved": ws.config.model_dump()})
-    return res
+        return plan.run(on_event=lambda ev: show_steps(ev, events))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,25 +48,16 @@ def run(args: argparse.Namespace) -> int:
         print("cancel requested: the owner stops the running job; `prefloop round resume` continues later")
         return 0
     with workspace_for(args, f"prefloop round {args.action}") as ws:
-        cur = ws.cursor()
         if args.action == "status":
             return _status(ws, args.json)
-        if args.action == "start":
-            apply_overrides(ws, load_overrides(args.recipe, args.config, ws.config),
-                            args.recipe or str(args.config))
-            audit.record(cur, actor(), "round.start", {"rounds": args.rounds, "recipe": args.recipe})
-            _print_result(_run(ws, args.rounds, args.quiet, args.verbose))
+        try:
+            plan = (loop.start_round(ws, args.rounds, recipe=args.recipe, config=args.config)
+                    if args.action == "start" else loop.resume_round(ws))
+        except loop.NothingToResume as nothing:
+            print(nothing)
             return 0
-        r = rounds.current_round(cur)
-        cfg = json.loads(r["config"]) if r["config"] else {}
-        remaining = cfg.get("loop", {}).get("remaining", 1)
-        if r["status"] not in ("failed", "cancelled", "waiting_review"):
-            print(f"nothing to resume: round {r['round_id']} is {r['status']}; `prefloop round start` trains it")
-            return 0
-        if cfg.get("resolved"):
-            ws.config = cfgmod.validate(cfg["resolved"], f"round {r['round_id']} config")
-        audit.record(cur, actor(), "round.resume", {"round_id": r["round_id"]})
-        _print_result(_run(ws, max(remaining, 1), args.quiet, args.verbose))
+        plan.record(actor())
+        print(loop.outcome(_run(plan, args.quiet, args.verbose)))
     return 0
 
 

@@ -17,7 +17,7 @@ from datetime import datetime
 
 import duckdb
 
-from storage.review import QueueCache
+from app.server.queue_cache import QueueCache
 from storage.workspace import Workspace
 
 IDLE_CAP_S = 60.0

@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse
 from app.forward import ADMIN_PATH, FORWARDABLE, INFO_NAME, TOKEN_NAME, command_parser, strip_workspace
 from app.server import AppContext
 from app.server.runner import Studio, cancel_round, start_round, studio_of, workspace_copy
+from backend import loop
 from core.errors import PrefloopError, UsageError
 from storage import audit
 
@@ -226,34 +227,20 @@ class AdminAPI:
 
     def _round(self, argv: list[str], ws, actor: str) -> int | None:
         """``round start|resume|cancel`` through the app's runner; None for the other actions (run as usual)."""
-        import json as _json
-
-        from app.commands import round as round_cmd
-        from core import config as cfgmod
-        from storage import rounds
-
         args = command_parser("round").parse_args(argv[1:])
         pid = os.getpid()
         if args.action == "cancel":
             print(cancel_round(self.studio, actor, via="cli"))
             return 0
-        if args.action == "start":
-            round_cmd.apply_overrides(ws, round_cmd.load_overrides(args.recipe, args.config, ws.config),
-                                      args.recipe or str(args.config))
-            run = start_round(self.studio, actor, args.rounds, ws, via="cli",
-                              detail={"recipe": args.recipe, "config": str(args.config) if args.config else None})
-        elif args.action == "resume":
-            r = rounds.current_round(ws.cursor())
-            cfg = _json.loads(r["config"]) if r["config"] else {}
-            if r["status"] not in ("failed", "cancelled", "waiting_review"):
-                print(f"nothing to resume: round {r['round_id']} is {r['status']}; `prefloop round start` trains it")
-                return 0
-            if cfg.get("resolved"):
-                ws.config = cfgmod.validate(cfg["resolved"], f"round {r['round_id']} config")
-            run = start_round(self.studio, actor, max(cfg.get("loop", {}).get("remaining", 1), 1), ws, via="cli",
-                              action="round.resume")
-        else:
+        if args.action not in ("start", "resume"):
             return None
+        try:
+            plan = (loop.start_round(ws, args.rounds, recipe=args.recipe, config=args.config)
+                    if args.action == "start" else loop.resume_round(ws))
+        except loop.NothingToResume as nothing:
+            print(nothing)
+            return 0
+        run = start_round(self.studio, actor, plan, via="cli")
         print(f"{run['label']} started in the running app (pid {pid}); it runs in the background there. Follow it "
               "in the studio's Rounds tab or with `prefloop round status`; `prefloop round cancel` stops it.")
         return 0

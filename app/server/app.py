@@ -59,7 +59,7 @@ def build_app(ctx: AppContext, tabs: dict[str, Tab] | None = None) -> gr.Blocks:
 
         def show_tabs(request: gr.Request):
             who = auth.as_gr_error(review.whoami, ctx, auth.user_of(request))
-            return [gr.Tab(visible=users_db.role_allows(who["role"], tabs[k].role)) for k in blocks]
+            return {t: gr.Tab(visible=users_db.role_allows(who["role"], tabs[k].role)) for k, t in blocks.items()}
 
         demo.load(show_tabs, None, list(blocks.values()), api_visibility="private")
     demo.queue(default_concurrency_limit=ctx.concurrency)

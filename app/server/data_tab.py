@@ -17,6 +17,7 @@ import math
 import shutil
 import stat
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
@@ -82,9 +83,19 @@ def import_target(root: Path, shown: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- handlers
 
+@dataclass(frozen=True)
+class Imported:
+    """What an upload's import did."""
+
+    summary: str
+    """one line: the file, new prompts, candidates, skipped rows"""
+    reject_report: str | None = None
+    """path of the bad rows' report (JSONL) in the downloads folder; None when no row was skipped"""
+
+
 def import_upload(ctx: AppContext, user: str | None, upload: str | None, split: str = "train",
-                  source: str | None = None, skip_bad: bool = False) -> tuple[str, str | None]:
-    """Import an uploaded file like `prefloop import`; returns (summary, reject report path or None)."""
+                  source: str | None = None, skip_bad: bool = False) -> Imported:
+    """Import an uploaded file like `prefloop import`."""
     who = require(ctx, user, "admin", "importing prompts")
     if not upload:
         raise UsageError("choose a .jsonl, .parquet or .zip file to import first")
@@ -118,8 +129,8 @@ def import_upload(ctx: AppContext, user: str | None, upload: str | None, split: 
     summary = f"{path.name}: {result.summary()}"
     if result.reject_report:
         summary += f"; {result.bad_rows} bad rows skipped (download the reject report)"
-        return summary, str(result.reject_report)
-    return summary, None
+        return Imported(summary, str(result.reject_report))
+    return Imported(summary)
 
 
 def run_judge(ctx: AppContext, user: str | None, judge: str, limit=None) -> str:
@@ -206,8 +217,9 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
     timer = gr.Timer(1.0, active=False)
     seen = gr.State("init")
 
-    def show_counts(c: dict):
-        return c["prompts"], c["rounds"], c["judges"]
+    def show_counts(c: dict[str, pd.DataFrame]) -> dict:
+        """``counts`` -> its three tables."""
+        return {prompts_df: c["prompts"], rounds_df: c["rounds"], judges_df: c["judges"]}
 
     def on_load(request: gr.Request):
         return gr.Timer(active=is_admin(ctx, user_of(request)))
@@ -216,13 +228,16 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         user = user_of(request)
         run = as_gr_error(runner_status, ctx, user)
         key = run_key(run)
-        rest = (gr.skip(),) * 3 if key == seen_ else show_counts(as_gr_error(counts, ctx, user))
-        return (progress_html(run), key, *rest)
+        shown = {run_box: progress_html(run), seen: key}
+        if key != seen_:  # the counts are reloaded when a run starts or finishes; else they stay as they are
+            shown |= show_counts(as_gr_error(counts, ctx, user))
+        return shown
 
     def on_import(path, split_, source_, skip_, request: gr.Request):
-        summary, report = as_gr_error(import_upload, ctx, user_of(request), path, split_, source_, skip_)
-        return (summary, gr.File(value=report, visible=report is not None),
-                *show_counts(as_gr_error(counts, ctx, user_of(request))))
+        done = as_gr_error(import_upload, ctx, user_of(request), path, split_, source_, skip_)
+        return {import_out: done.summary,
+                rejects: gr.File(value=done.reject_report, visible=done.reject_report is not None),
+                **show_counts(as_gr_error(counts, ctx, user_of(request)))}
 
     def on_judge(judge_, limit_, request: gr.Request):
         return as_gr_error(run_judge, ctx, user_of(request), judge_, limit_)
@@ -234,7 +249,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return as_gr_error(make_snapshot, ctx, user_of(request))
 
     lim = {"concurrency_limit": ctx.concurrency}
-    tables = [prompts_df, rounds_df, judges_df]
+    tables = [prompts_df, rounds_df, judges_df]  # output lists keep the order API clients see
     demo.load(on_load, None, timer, api_visibility="private")
     timer.tick(on_tick, seen, [run_box, seen, *tables], api_name="data_status", show_progress="hidden", **lim)
     import_btn.click(on_import, [upload, split, source, skip_bad], [import_out, rejects, *tables],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 import gradio as gr
@@ -59,6 +60,26 @@ def display_frame(table: pa.Table) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------- handlers
 
+@dataclass(frozen=True)
+class Preview:
+    """A guarded query's first rows."""
+
+    rows: pd.DataFrame
+    """at most the preview limit, shown as ``display_frame`` makes them"""
+    summary: str
+    """one line: how many rows (and whether the limit cut them) and how long the query took"""
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A file written for download."""
+
+    path: str
+    """the file, in the app's downloads folder (never in the workspace)"""
+    summary: str
+    """one line: how many rows, in which format"""
+
+
 def example(ctx: AppContext, user: str | None, name: str) -> str:
     """The SQL of a saved example query."""
     require(ctx, user, "admin", "the saved queries")
@@ -68,8 +89,8 @@ def example(ctx: AppContext, user: str | None, name: str) -> str:
         raise UsageError(f"no saved query named {name!r}; choose one of: {', '.join(EXAMPLE_QUERIES)}") from None
 
 
-def preview(ctx: AppContext, user: str | None, sql: str, limit=DEFAULT_PREVIEW_ROWS) -> tuple[pd.DataFrame, str]:
-    """Run the guarded query with a row limit; (rows, a one-line summary)."""
+def preview(ctx: AppContext, user: str | None, sql: str, limit=DEFAULT_PREVIEW_ROWS) -> Preview:
+    """Run the guarded query with a row limit."""
     who = require(ctx, user, "admin", "running SQL")
     sql = _check_sql(sql)
     try:
@@ -89,11 +110,11 @@ def preview(ctx: AppContext, user: str | None, sql: str, limit=DEFAULT_PREVIEW_R
     with ctx.cursor() as cur:
         audit.record(cur, who.name, "query", {"via": "app", "sql": sql[:4000], "rows": table.num_rows, "limit": n})
     more = " (the limit: there may be more)" if table.num_rows == n else ""
-    return display_frame(table), f"{table.num_rows} rows{more} in {dt:.2f} s"
+    return Preview(display_frame(table), f"{table.num_rows} rows{more} in {dt:.2f} s")
 
 
-def export_sql(ctx: AppContext, user: str | None, sql: str, fmt: str = "parquet") -> tuple[str, str]:
-    """Write the whole guarded query result as parquet/jsonl/csv; (file path, summary)."""
+def export_sql(ctx: AppContext, user: str | None, sql: str, fmt: str = "parquet") -> Exported:
+    """Write the whole guarded query result as parquet/jsonl/csv."""
     who = require(ctx, user, "admin", "exporting query results")
     sql = _check_sql(sql)
     if fmt not in QUERY_SUFFIX:
@@ -108,10 +129,10 @@ def export_sql(ctx: AppContext, user: str | None, sql: str, fmt: str = "parquet"
     with ctx.cursor() as cur:
         audit.record(cur, who.name, "export", {"via": "app", "pairs": False, "sql": sql[:4000], "format": fmt,
                                                "rows": n})
-    return str(out), f"exported {n} rows as {fmt}"
+    return Exported(str(out), f"exported {n} rows as {fmt}")
 
 
-def export_pair_file(ctx: AppContext, user: str | None, round_id=None, fmt: str = "parquet") -> tuple[str, str]:
+def export_pair_file(ctx: AppContext, user: str | None, round_id=None, fmt: str = "parquet") -> Exported:
     """Write the pairs (one round or all) in TRL's vision preference format (parquet/jsonl) or LLaVA JSON."""
     who = require(ctx, user, "admin", "exporting pairs")
     if fmt not in PAIR_SUFFIX:
@@ -127,7 +148,7 @@ def export_pair_file(ctx: AppContext, user: str | None, round_id=None, fmt: str 
     with ctx.cursor() as cur:
         n = export.export_pairs(cur, ctx.ws.root, out, fmt, round_id=rid)
         audit.record(cur, who.name, "export", {"via": "app", "pairs": True, "round": rid, "format": fmt, "rows": n})
-    return str(out), f"exported {n} pairs ({'round ' + str(rid) if rid is not None else 'all rounds'}) as {fmt}"
+    return Exported(str(out), f"exported {n} pairs ({'round ' + str(rid) if rid is not None else 'all rounds'}) as {fmt}")
 
 
 def round_choices(ctx: AppContext, user: str | None) -> list:
@@ -170,14 +191,16 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return as_gr_error(example, ctx, user_of(request), name)
 
     def on_preview(sql_, limit_, request: gr.Request):
-        df, msg = as_gr_error(preview, ctx, user_of(request), sql_, limit_)
-        return df, msg
+        shown = as_gr_error(preview, ctx, user_of(request), sql_, limit_)
+        return {table: shown.rows, summary: shown.summary}
 
     def on_export(sql_, fmt_, request: gr.Request):
-        return as_gr_error(export_sql, ctx, user_of(request), sql_, fmt_)
+        done = as_gr_error(export_sql, ctx, user_of(request), sql_, fmt_)
+        return {query_file: done.path, summary: done.summary}
 
     def on_pairs(round_, fmt_, request: gr.Request):
-        return as_gr_error(export_pair_file, ctx, user_of(request), round_, fmt_)
+        done = as_gr_error(export_pair_file, ctx, user_of(request), round_, fmt_)
+        return {pairs_file: done.path, pairs_summary: done.summary}
 
     def on_rounds(request: gr.Request):
         return gr.Dropdown(choices=as_gr_error(round_choices, ctx, user_of(request)))

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from app.server.session import DayCounts
+
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 DISAGREE_AT = 0.5
 """Two judges whose normalised `overall` for one candidate differ by at least this get a mark."""
@@ -165,10 +167,11 @@ def keys_html() -> str:
     return '<div class="pf-keys">' + " · ".join(f"<kbd>{esc(k)}</kbd> {esc(v)}" for k, v in KEYS_HELP) + "</div>"
 
 
-def progress_html(user: str, role: str, rnd: dict, day: dict) -> str:
-    mins = float(day.get("active_seconds") or 0) / 60.0
+def progress_html(user: str, role: str, rnd: dict, day: DayCounts) -> str:
+    """The progress line: who is signed in, the round's counts (``rnd``), today's counters."""
+    mins = float(day.active_seconds or 0) / 60.0
     return (f'<div class="pf-progress"><span>signed in as <b>{esc(user)}</b> ({esc(role)})</span>'
             f'<span>round: <b>{esc(rnd.get("labelled", 0))}</b> of {esc(rnd.get("queued", 0))} prompts labelled, '
             f'{esc(rnd.get("complete", 0))} complete, {esc(rnd.get("live_claims", 0))} being reviewed</span>'
-            f'<span>your day: <b>{esc(day.get("labels", 0))}</b> labels, {esc(day.get("skips", 0))} skips, '
+            f'<span>your day: <b>{esc(day.labels)}</b> labels, {esc(day.skips)} skips, '
             f'{mins:.1f} active min</span></div>')

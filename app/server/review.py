@@ -1,26 +1,29 @@
 """The review screen: handlers (plain functions tests call directly) and the Gradio tab that wires them.
 
 Every handler takes the ``AppContext``, the signed-in user name (``gr.Request.username``; None when
-unauthenticated) and the session state (a plain dict kept in ``gr.State``), checks the role first,
-and returns a ``View`` (what the screen shows next). The session state holds the item on screen
-(round, prompt, candidate ids in display order, the AI pair, when it was served) and the label ids
-submitted in this session (for undo). Persistent state is in DuckDB only.
+unauthenticated) and the ``Session`` (``app.server.session``, kept in ``gr.State``), checks the role
+first, and returns a ``View`` (what the screen shows next, with the new session). The session holds the
+item on screen (round, prompt, candidate ids in display order, the AI pair, when it was served) and the
+label ids submitted in this session (for undo). Persistent state is in DuckDB only. The tab's wiring
+maps a ``View`` to its components in one place (``build``'s ``show``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import gradio as gr
 
 from app.server import IDLE_CAP_S, AppContext, render
 from app.server.auth import as_gr_error, require, user_of
+from app.server.queue_cache import claim_next
+from app.server.session import DayCounts, OnScreen, Session
 from backend import pairs as pair_rules
 from core.errors import UsageError
-from storage import audit
-from storage import review as review_db
+from storage import audit, claims, labels, review_items, review_queue, rounds
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +31,26 @@ SKIP_REASONS = ["not sure", "image unclear", "question unanswerable", "needs an 
 HISTORY = 50
 
 
-@dataclass
+@dataclass(frozen=True)
 class View:
     """What the review screen shows after a handler ran."""
 
     html: str
+    """the item (image, question, answers with their scores) or the empty-queue message"""
     k: int = 0
+    """how many answers are on screen (the chosen/rejected choices are 1-k); 0 without an item"""
     progress: str = ""
-    state: dict = field(default_factory=dict)
+    """the progress line (round and today's counters)"""
+    state: Session = field(default_factory=Session)
+    """the session after this handler: the wiring stores it back in ``gr.State``"""
     message: str = ""
-
-
-def new_state() -> dict:
-    """Per-session state: the item on screen, this session's label ids (for undo), today's counters."""
-    return {"item": None, "history": [], "day": None, "parked": None}
+    """a short toast ("saved (pair) for prompt p2"); empty for none"""
 
 
 # ---------------------------------------------------------------------------------------------- the item
 
 def judge_scores(item: dict) -> dict[str, dict[str, render.JudgeScores]]:
-    """{candidate_id: {judge: JudgeScores}} from ``storage.review.review_item`` rows."""
+    """{candidate_id: {judge: JudgeScores}} from ``storage.review_items.review_item`` rows."""
     out: dict[str, dict[str, render.JudgeScores]] = {}
     for j in item["judgments"]:
         out.setdefault(j["candidate_id"], {})[j["judge"]] = render.JudgeScores(
@@ -106,21 +109,21 @@ def _image_src(ctx: AppContext, rel: str | None) -> str | None:
     return render.image_url(str(path))
 
 
-def _progress(ctx: AppContext, cur, user: str, role: str, round_id: int | None, day: dict) -> str:
+def _progress(ctx: AppContext, cur, user: str, role: str, round_id: int | None, day: DayCounts) -> str:
     overlap = ctx.review.overlap
     rnd = ctx.cached(("round", round_id, overlap),
-                     lambda: review_db.round_progress(cur, round_id, overlap, ctx.clock())) if round_id else {}
+                     lambda: review_items.round_progress(cur, round_id, overlap, ctx.clock())) if round_id else {}
     return render.progress_html(user, role, rnd, day)
 
 
-def _day(cur, user: str, state: dict) -> dict:
+def _day(cur, user: str, state: Session) -> DayCounts:
     """Today's counters: read once per session, then kept up to date in the session state."""
-    return dict(state.get("day") or review_db.annotator_day(cur, user))
+    return state.day or DayCounts.from_row(review_items.annotator_day(cur, user))
 
 
-def _serve(ctx: AppContext, cur, user, round_id: int, prompt_id: str, history: list, day: dict,
-           note: str | None = None) -> View:
-    item = review_db.review_item(cur, round_id, prompt_id)
+def _serve(ctx: AppContext, cur, round_id: int, prompt_id: str, session: Session, note: str | None = None) -> View:
+    """Show one item; the view's session is ``session`` with this item on screen."""
+    item = review_items.review_item(cur, round_id, prompt_id)
     if item is None:
         raise UsageError(f"prompt {prompt_id} no longer exists; press Next")
     scores = judge_scores(item)
@@ -129,64 +132,59 @@ def _serve(ctx: AppContext, cur, user, round_id: int, prompt_id: str, history: l
     html_ = render.item_html(question=p["question"], image_src=_image_src(ctx, p["image_path"]),
                              candidates=item["candidates"], scores=scores, ai_pair=pair, demo_model=ctx.demo_model,
                              reference=p["reference"], round_id=round_id, prompt_id=prompt_id, note=note)
-    state = {"item": {"round_id": round_id, "prompt_id": prompt_id,
-                      "candidate_ids": [c["candidate_id"] for c in item["candidates"]],
-                      "ai_pair": pair, "served_at": ctx.clock().timestamp()},
-             "history": history, "day": day}
-    return View(html_, len(item["candidates"]), "", state)
+    shown = OnScreen(round_id=round_id, prompt_id=prompt_id,
+                     candidate_ids=tuple(c["candidate_id"] for c in item["candidates"]), ai_pair=pair,
+                     served_at=ctx.clock().timestamp())
+    return View(html_, k=len(item["candidates"]), state=replace(session, item=shown))
 
 
 def _round_id(cur) -> int:
-    round_id = review_db.current_round_id(cur)
+    round_id = rounds.current_round_id(cur)
     if round_id is None:
         raise UsageError("the workspace has no round yet; create it with `prefloop init` or start one")
     return round_id
 
 
-def _next(ctx: AppContext, cur, user: str, role: str, history: list, day: dict, note: str | None = None,
-          parked: int | None = None) -> View:
+def _next(ctx: AppContext, cur, user: str, role: str, session: Session, note: str | None = None) -> View:
     """Claim and show the next item. An item this user already holds comes first: always on a fresh
-    session (``parked`` None: a reload or a second tab), else only while an undo left one parked."""
+    session (``session.parked`` None: a reload or a second tab), else only while an undo left one parked."""
     round_id = _round_id(cur)
     cfg = ctx.review
-    prompt_id = None
+    prompt_id, parked = None, session.parked
     if parked is None or parked > 0:
-        held = review_db.live_claim(cur, user, ctx.clock(), round_id)
+        held = claims.live_claim(cur, user, ctx.clock(), round_id)
         prompt_id = held["prompt_id"] if held else None
         parked = max(0, (parked or 0) - 1) if held else 0
     if prompt_id is None:
-        prompt_id = review_db.claim_next(cur, round_id, user, order=cfg.queue_order, overlap=cfg.overlap,
-                                         claim_minutes=cfg.claim_minutes, now=ctx.clock(), cache=ctx.queue,
-                                         resume=False)
+        prompt_id = claim_next(cur, round_id, user, order=cfg.queue_order, overlap=cfg.overlap,
+                               claim_minutes=cfg.claim_minutes, now=ctx.clock(), cache=ctx.queue,
+                               resume=False)
     if prompt_id is None:
         empty = (f"Nothing to review in round {round_id} right now: every queued prompt is labelled or being "
                  "reviewed by someone else. Check back later.")
-        view = View(render.empty_html(f"{note} {empty}" if note else empty, ctx.demo_model), 0, "",
-                    {"item": None, "history": history, "day": day})
+        view = View(render.empty_html(f"{note} {empty}" if note else empty, ctx.demo_model),
+                    state=replace(session, item=None))
     else:
-        view = _serve(ctx, cur, user, round_id, prompt_id, history, day, note)
-    view.state["parked"] = parked
-    view.progress = _progress(ctx, cur, user, role, round_id, day)
-    view.message = note or ""
-    return view
+        view = _serve(ctx, cur, round_id, prompt_id, session, note)
+    return replace(view, state=replace(view.state, parked=parked), message=note or "",
+                   progress=_progress(ctx, cur, user, role, round_id, session.day))
 
 
 # ---------------------------------------------------------------------------------------------- handlers
 
-def next_item(ctx: AppContext, user: str | None, state: dict | None) -> View:
+def next_item(ctx: AppContext, user: str | None, state: Session | None) -> View:
     """Show the item on screen again if it is still ours, else claim the next one in queue order."""
     who = require(ctx, user, "annotator", "reviewing")
-    state = state or new_state()
-    item = state.get("item")
+    state = state or Session()
+    item = state.item
     with ctx.cursor() as cur:
-        day = _day(cur, who.name, state)
+        fresh = Session(history=state.history, day=_day(cur, who.name, state))  # a held item comes first
         if item:
-            held = review_db.live_claim(cur, who.name, ctx.clock(), item["round_id"])
-            if held is not None and held["prompt_id"] == item["prompt_id"]:
-                view = _serve(ctx, cur, who.name, item["round_id"], item["prompt_id"], state.get("history", []), day)
-                view.progress = _progress(ctx, cur, who.name, who.role, item["round_id"], day)
-                return view
-        return _next(ctx, cur, who.name, who.role, state.get("history", []), day)
+            held = claims.live_claim(cur, who.name, ctx.clock(), item.round_id)
+            if held is not None and held["prompt_id"] == item.prompt_id:
+                view = _serve(ctx, cur, item.round_id, item.prompt_id, fresh)
+                return replace(view, progress=_progress(ctx, cur, who.name, who.role, item.round_id, fresh.day))
+        return _next(ctx, cur, who.name, who.role, fresh)
 
 
 def _parse_index(value, k: int, what: str) -> int | None:
@@ -215,10 +213,10 @@ def parse_ranking(text: str | None, k: int) -> list[int] | None:
     return [i - 1 for i in order]
 
 
-def _active_seconds(ctx: AppContext, item: dict, client_value) -> float:
+def _active_seconds(ctx: AppContext, item: OnScreen, client_value) -> float:
     """The browser's active-time count (idle gaps over IDLE_CAP_S not counted), capped by the wall time since
     the item was served; without one (an API client), the wall time capped at IDLE_CAP_S."""
-    elapsed = max(0.0, ctx.clock().timestamp() - float(item.get("served_at") or 0))
+    elapsed = max(0.0, ctx.clock().timestamp() - float(item.served_at or 0))
     try:
         v = float(client_value) if client_value is not None and client_value != "" else None
     except (TypeError, ValueError):
@@ -228,101 +226,97 @@ def _active_seconds(ctx: AppContext, item: dict, client_value) -> float:
     return round(min(v, elapsed), 1)
 
 
-def _record(ctx: AppContext, user: str | None, state: dict | None, make_decision) -> View:
+def _record(ctx: AppContext, user: str | None, state: Session | None,
+            make_decision: Callable[[OnScreen], labels.Decision]) -> View:
     who = require(ctx, user, "annotator", "labelling")
-    state = state or new_state()
-    item = state.get("item")
+    state = state or Session()
+    item = state.item
     if not item:
         raise UsageError("nothing to submit: no item is on screen; press Next")
     decision = make_decision(item)
     cfg = ctx.review
     with ctx.cursor() as cur:
-        res = review_db.submit_label(cur, round_id=item["round_id"], prompt_id=item["prompt_id"], annotator=who.name,
-                                     decision=decision, overlap=cfg.overlap, now=ctx.clock(),
-                                     claim_minutes=cfg.claim_minutes)
-        history = (list(state.get("history", [])) + [res["label_id"]])[-HISTORY:]
-        day = _day(cur, who.name, state)
-        day["skips" if decision.kind == "skip" else "labels"] += 1
-        day["active_seconds"] = float(day["active_seconds"] or 0) + (decision.active_seconds or 0)
-        saved = f"saved ({decision.kind}) for prompt {item['prompt_id']}"
-        warn = None if res["held_claim"] else (f"Your claim on prompt {item['prompt_id']} had expired and someone "
+        res = labels.submit_label(cur, round_id=item.round_id, prompt_id=item.prompt_id, annotator=who.name,
+                                  decision=decision, overlap=cfg.overlap, now=ctx.clock(),
+                                  claim_minutes=cfg.claim_minutes)
+        history = (*state.history, res["label_id"])[-HISTORY:]
+        day = _day(cur, who.name, state).add(decision.kind, decision.active_seconds)
+        saved = f"saved ({decision.kind}) for prompt {item.prompt_id}"
+        warn = None if res["held_claim"] else (f"Your claim on prompt {item.prompt_id} had expired and someone "
                                                "else took it; your label is kept all the same.")
-        view = _next(ctx, cur, who.name, who.role, history, day, warn, parked=state.get("parked"))
-        view.message = saved + (" (your claim had expired)" if warn else "")
-        return view
+        view = _next(ctx, cur, who.name, who.role, replace(state, history=history, day=day), warn)
+        return replace(view, message=saved + (" (your claim had expired)" if warn else ""))
 
 
-def submit(ctx: AppContext, user: str | None, state: dict | None, chosen=None, rejected=None, ranking: str | None = None,
-           all_bad: bool = False, comment: str | None = None, active_seconds=None) -> View:
+def submit(ctx: AppContext, user: str | None, state: Session | None, chosen=None, rejected=None,
+           ranking: str | None = None, all_bad: bool = False, comment: str | None = None, active_seconds=None) -> View:
     """Record the annotator's decision (a chosen/rejected pair, a full ranking, or all bad) and serve the next item."""
-    def make(item):
-        ids, k = item["candidate_ids"], len(item["candidate_ids"])
+    def make(item: OnScreen) -> labels.Decision:
+        ids, k = item.candidate_ids, len(item.candidate_ids)
         extra = {"comment": (comment or "").strip() or None, "active_seconds": _active_seconds(ctx, item, active_seconds)}
         if all_bad:
-            return review_db.Decision(all_bad=True, **extra)
+            return labels.Decision(all_bad=True, **extra)
         order = parse_ranking(ranking, k)
         if order is not None:
-            return review_db.Decision(chosen_id=ids[order[0]], rejected_id=ids[order[-1]],
-                                      ranking=tuple(ids[i] for i in order), **extra)
+            return labels.Decision(chosen_id=ids[order[0]], rejected_id=ids[order[-1]],
+                                   ranking=tuple(ids[i] for i in order), **extra)
         c, r = _parse_index(chosen, k, "chosen"), _parse_index(rejected, k, "rejected")
         if c is None or r is None:
             raise UsageError(f"pick a chosen (1-{k}) and a rejected (Shift+1-{k}) answer, or confirm the AI pair (A), "
                              "rank all answers, mark all bad (X), or skip (S)")
         if c == r:
             raise UsageError(f"chosen and rejected are both #{c + 1}; pick two different answers")
-        return review_db.Decision(chosen_id=ids[c], rejected_id=ids[r], **extra)
+        return labels.Decision(chosen_id=ids[c], rejected_id=ids[r], **extra)
     return _record(ctx, user, state, make)
 
 
-def confirm_ai(ctx: AppContext, user: str | None, state: dict | None, comment: str | None = None,
+def confirm_ai(ctx: AppContext, user: str | None, state: Session | None, comment: str | None = None,
                active_seconds=None) -> View:
     """Accept the AI pair shown on screen as the human decision."""
-    def make(item):
-        pair = item.get("ai_pair")
+    def make(item: OnScreen) -> labels.Decision:
+        pair = item.ai_pair
         if not pair:
             raise UsageError("this item has no AI pair to confirm; pick chosen and rejected yourself")
-        return review_db.Decision(chosen_id=pair["chosen_id"], rejected_id=pair["rejected_id"],
-                                  comment=(comment or "").strip() or None,
-                                  active_seconds=_active_seconds(ctx, item, active_seconds))
+        return labels.Decision(chosen_id=pair["chosen_id"], rejected_id=pair["rejected_id"],
+                               comment=(comment or "").strip() or None,
+                               active_seconds=_active_seconds(ctx, item, active_seconds))
     return _record(ctx, user, state, make)
 
 
-def skip(ctx: AppContext, user: str | None, state: dict | None, reason: str | None = None, comment: str | None = None,
-         active_seconds=None) -> View:
+def skip(ctx: AppContext, user: str | None, state: Session | None, reason: str | None = None,
+         comment: str | None = None, active_seconds=None) -> View:
     """Skip the item with a reason; its slot goes back to the queue for someone else."""
-    def make(item):
+    def make(item: OnScreen) -> labels.Decision:
         why = (reason or "").strip()
         if not why:
             raise UsageError(f"give a reason to skip (e.g. {', '.join(SKIP_REASONS[:3])})")
-        return review_db.Decision(skipped_reason=why[:500], comment=(comment or "").strip() or None,
-                                  active_seconds=_active_seconds(ctx, item, active_seconds))
+        return labels.Decision(skipped_reason=why[:500], comment=(comment or "").strip() or None,
+                               active_seconds=_active_seconds(ctx, item, active_seconds))
     return _record(ctx, user, state, make)
 
 
-def undo(ctx: AppContext, user: str | None, state: dict | None) -> View:
+def undo(ctx: AppContext, user: str | None, state: Session | None) -> View:
     """Undo this session's last submission (an appended 'undo' row) and show that item again."""
     who = require(ctx, user, "annotator", "undo")
-    state = state or new_state()
-    history = list(state.get("history", []))
-    if not history:
+    state = state or Session()
+    if not state.history:
         raise UsageError("nothing to undo in this session")
-    label_id = history.pop()
+    *history, label_id = state.history
     cfg = ctx.review
     with ctx.cursor() as cur:
         try:
-            res = review_db.undo_label(cur, label_id, who.name, overlap=cfg.overlap, now=ctx.clock(),
-                                       claim_minutes=cfg.claim_minutes)
-        except review_db.UndoRefused as err:
+            res = labels.undo_label(cur, label_id, who.name, overlap=cfg.overlap, now=ctx.clock(),
+                                    claim_minutes=cfg.claim_minutes)
+        except labels.UndoRefused as err:
             raise UsageError(str(err)) from None
         ctx.queue.forget(res["round_id"])
-        day = review_db.annotator_day(cur, who.name)
-        view = _serve(ctx, cur, who.name, res["round_id"], res["prompt_id"], history, day,
-                      note=f"undid your label on prompt {res['prompt_id']}; decide again")
+        day = DayCounts.from_row(review_items.annotator_day(cur, who.name))
         # the item that was on screen stays claimed: it is served again after this one
-        view.state["parked"] = (state.get("parked") or 0) + (1 if state.get("item") else 0)
-        view.progress = _progress(ctx, cur, who.name, who.role, res["round_id"], day)
-        view.message = "undone"
-        return view
+        parked = (state.parked or 0) + (1 if state.item else 0)
+        session = Session(history=tuple(history), day=day, parked=parked)
+        view = _serve(ctx, cur, res["round_id"], res["prompt_id"], session,
+                      note=f"undid your label on prompt {res['prompt_id']}; decide again")
+        return replace(view, progress=_progress(ctx, cur, who.name, who.role, res["round_id"], day), message="undone")
 
 
 def refresh_queue(ctx: AppContext, user: str | None) -> str:
@@ -330,10 +324,10 @@ def refresh_queue(ctx: AppContext, user: str | None) -> str:
     who = require(ctx, user, "admin", "recomputing the review queue")
     with ctx.cursor() as cur:
         round_id = _round_id(cur)
-        n = review_db.refresh_queue(cur, round_id, judge=ctx.ws.config.pairs.judge)
+        n = review_queue.refresh_queue(cur, round_id, judge=ctx.ws.config.pairs.judge)
         audit.record(cur, who.name, "refresh_queue", {"round_id": round_id, "prompts": n})
     ctx.queue.forget(round_id)
-    return f"round {round_id}: {n} prompts queued (orders: {', '.join(review_db.QUEUE_ORDERS)})"
+    return f"round {round_id}: {n} prompts queued (orders: {', '.join(review_queue.QUEUE_ORDERS)})"
 
 
 def whoami(ctx: AppContext, user: str | None) -> dict:
@@ -367,26 +361,29 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         undo_btn = gr.Button("Undo last (B)", elem_id="pf-undo")
     gr.HTML(render.keys_html())
     active = gr.Number(visible=False, elem_id="pf-active")
-    state = gr.State(new_state())
+    state = gr.State(Session())
     with gr.Accordion("Queue (admin)", open=False, visible=False) as admin_box:
         refresh_btn = gr.Button("Recompute queue priorities", elem_id="pf-refresh")
         refresh_out = gr.Markdown()
     noop_out = gr.Textbox(visible=False)
 
+    # the order API clients see; every screen handler fills all of them through ``show``
     outputs = [item, chosen, rejected, ranking, all_bad, comment, progress, state]
 
-    def show(view: View):
+    def show(view: View) -> dict:
+        """A ``View`` -> the screen: the item, fresh 1-k choices, cleared inputs, the progress line, the session."""
         choices = [(f"#{i}", str(i)) for i in range(1, view.k + 1)]
         if view.message:
             gr.Info(view.message, duration=2)
-        return (view.html, gr.Radio(choices=choices, value=None), gr.Radio(choices=choices, value=None), "", False,
-                "", view.progress, view.state)
+        return {item: view.html, chosen: gr.Radio(choices=choices, value=None),
+                rejected: gr.Radio(choices=choices, value=None), ranking: "", all_bad: False, comment: "",
+                progress: view.progress, state: view.state}
 
     def on_load(state_, request: gr.Request):
         user = user_of(request)
         view = as_gr_error(next_item, ctx, user, state_)
         is_admin = as_gr_error(whoami, ctx, user)["role"] == "admin"
-        return (*show(view), gr.Accordion(visible=is_admin))
+        return {**show(view), admin_box: gr.Accordion(visible=is_admin)}
 
     def on_submit(state_, c, r, rank, bad, note, act, request: gr.Request):
         return show(as_gr_error(submit, ctx, user_of(request), state_, c, r, rank, bad, note, act))

@@ -179,9 +179,10 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
     timer = gr.Timer(1.0, active=False)
     seen = gr.State("init")  # the (run id, status) last shown; results reload when it changes
 
-    def show_details(d: dict):
-        return (gr.Dropdown(choices=d["choices"], value=d["round_id"]), d["pairs"], d["evals"],
-                *([d["curve"]] * len(curves)))
+    def show_details(d: dict) -> dict:
+        """``details`` -> the round picker, the two tables and every training plot."""
+        return {pick: gr.Dropdown(choices=d["choices"], value=d["round_id"]), pairs_df: d["pairs"],
+                evals_df: d["evals"], **{plot: d["curve"] for plot in curves}}
 
     def on_load(request: gr.Request):
         return gr.Timer(active=is_admin(ctx, user_of(request)))
@@ -190,12 +191,12 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         user = user_of(request)
         st = as_gr_error(status, ctx, user)
         key = run_key(st["run"])
-        if key == seen_:
-            rest = (gr.skip(),) * (3 + len(curves))
-        else:  # first tick, or a run started/finished: reload the results (the newest trained round)
+        shown = {state_box: status_html(st), progress: progress_html(st["run"]), log_box: log_text(st["run"]),
+                 seen: key}
+        if key != seen_:  # first tick, or a run started/finished: reload the results (the newest trained round)
             keep = key is not None and key[1] == "running" and seen_ != "init"
-            rest = show_details(as_gr_error(details, ctx, user, picked if keep else None))
-        return (status_html(st), progress_html(st["run"]), log_text(st["run"]), key, *rest)
+            shown |= show_details(as_gr_error(details, ctx, user, picked if keep else None))
+        return shown  # without the results, they stay as they are
 
     def on_start(request: gr.Request):
         return as_gr_error(start, ctx, user_of(request))
@@ -207,12 +208,12 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return show_details(as_gr_error(details, ctx, user_of(request), picked))
 
     lim = {"concurrency_limit": ctx.concurrency}
+    results = [pick, pairs_df, evals_df, *curves]  # output lists keep the order API clients see
     demo.load(on_load, None, timer, api_visibility="private")
-    timer.tick(on_tick, [seen, pick], [state_box, progress, log_box, seen, pick, pairs_df, evals_df, *curves],
-               api_name="rounds_status", show_progress="hidden", **lim)
+    timer.tick(on_tick, [seen, pick], [state_box, progress, log_box, seen, *results], api_name="rounds_status",
+               show_progress="hidden", **lim)
     start_btn.click(on_start, None, message, api_name="start_round", **lim)
     cancel_btn.click(on_cancel, None, message, api_name="cancel_round", **lim)
-    reload_btn.click(on_pick, pick, [pick, pairs_df, evals_df, *curves], api_name="round_details", **lim)
-    pick.input(on_pick, pick, [pick, pairs_df, evals_df, *curves], api_name="round_details_pick",
-               api_visibility="undocumented", **lim)
+    reload_btn.click(on_pick, pick, results, api_name="round_details", **lim)
+    pick.input(on_pick, pick, results, api_name="round_details_pick", api_visibility="undocumented", **lim)
 

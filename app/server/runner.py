@@ -26,7 +26,7 @@ from pathlib import Path
 from app.server import AppContext
 from backend import loop
 from core.errors import PrefloopError, UsageError
-from storage import audit, rounds
+from storage import audit
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -205,34 +205,16 @@ def studio_of(ctx: AppContext) -> Studio:
 
 # ------------------------------------------------------------------------------------------- round runs
 
-def _round_work(ws: Workspace, n: int) -> Work:
-    def work(on_event: Callable[[dict], None]) -> str:
-        cur = ws.cursor()
-        r = rounds.current_round(cur)
-        # like `prefloop round start`: the loop's remaining count and the resolved config, for `round resume`
-        rounds.set_round(cur, r["round_id"], config={"loop": {"remaining": n}, "resolved": ws.config.model_dump()})
-        res = loop.run_rounds(ws, n, on_event=on_event)
-        now = rounds.current_round(ws.cursor())
-        rounds.set_round(ws.cursor(), now["round_id"], config={"loop": {"remaining": max(n - res["trained"], 0)},
-                                                               "resolved": ws.config.model_dump()})
-        return f"trained {res['trained']} round(s); {res['stopped']}"
-    return work
+def start_round(studio: Studio, actor: str, plan: loop.RoundRun | None = None, *, via: str = "app") -> dict:
+    """Run a round start or resume (``backend.loop.start_round`` / ``resume_round``; by default one round
+    on the app's workspace) in the background; audited. Raises Busy.
 
-
-def start_round(studio: Studio, actor: str, n: int = 1, ws: Workspace | None = None, *, via: str = "app",
-                action: str = "round.start", detail: dict | None = None) -> dict:
-    """Start ``n`` rounds in the background (``backend.loop.run_rounds``); audited. Raises Busy.
-
-    ``ws`` may be a copy of the app's workspace with its own config (a forwarded ``--recipe``); it shares
-    the app's connection.
+    The plan's workspace may be a copy of the app's with its own config (a forwarded ``--recipe``); it
+    shares the app's connection.
     """
-    ws = ws or studio.ctx.ws
-    if n < 1:
-        raise UsageError("rounds must be at least 1")
-    r = rounds.current_round(ws.cursor())
-    label = f"round {r['round_id']}" + (f" (+{n - 1} more)" if n > 1 else "")
-    run = studio.runner.start("round", label, actor, _round_work(ws, n))
-    audit.record(ws.cursor(), actor, action, {"rounds": n, "round_id": r["round_id"], "via": via, **(detail or {})})
+    plan = plan or loop.start_round(studio.ctx.ws)
+    run = studio.runner.start("round", plan.label, actor, lambda on_event: loop.outcome(plan.run(on_event)))
+    plan.record(actor, via)
     return run
 
 

@@ -2,14 +2,18 @@
 
 An engine is anything with ``generate(requests, params) -> list[list[GenOutput]]`` (same length and
 order as ``requests``; each inner list holds ``params.n`` outputs) and ``close()``. Engines are built
-from an :class:`EngineSpec` through the ``ENGINES`` registry in ``backend.engines``.
+from an :class:`EngineSpec` through the ``ENGINES`` registry in ``backend.engines``. The sampling of a
+call comes from the workspace's ``GenerationConfig`` (:meth:`SamplingSpec.of`), or is greedy
+(SeVa's augmented views, the critic).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+from core.config import GenerationConfig
 
 SEED_MAX = 2**31 - 1  # fits every seed API, and JSON readers that use doubles (JavaScript)
 
@@ -47,14 +51,25 @@ class GenOutput:
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """How to sample. ``temperature == 0`` means greedy, which gives one output per request."""
+    """How one ``generate`` call samples. ``temperature == 0`` means greedy, which gives one output per request.
+
+    The engine-level view of ``core.config.GenerationConfig`` (build it with :meth:`of`): the engines
+    also sample greedily with another cap (SeVa views, the critic's ``max_new_tokens``) and can force a
+    length (``min_new_tokens``, for benchmarks), which the workspace config has no business holding.
+    """
 
     k: int = 1
+    """Samples per request (one when greedy)."""
     temperature: float = 0.7
+    """Sampling temperature; 0 is greedy."""
     top_p: float = 0.9
+    """Nucleus sampling threshold (ignored when greedy)."""
     max_new_tokens: int = 64
+    """Cap on each answer's tokens."""
     seed: int = 0
+    """Seed for requests without their own."""
     min_new_tokens: int = 0
+    """Force at least this many tokens (benchmarks: equal lengths across engines)."""
 
     def __post_init__(self):
         if self.k < 1:
@@ -66,6 +81,16 @@ class SamplingSpec:
         if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1 "
                              f"(got {self.min_new_tokens}, {self.max_new_tokens})")
+
+    @classmethod
+    def of(cls, generation: GenerationConfig) -> SamplingSpec:
+        """The policy's sampling from the workspace's ``[generation]`` section."""
+        return cls(k=generation.k, temperature=generation.temperature, top_p=generation.top_p,
+                   max_new_tokens=generation.max_new_tokens, seed=generation.seed)
+
+    def as_greedy(self) -> SamplingSpec:
+        """The same caps and seed, one greedy answer per request (SeVa's augmented views)."""
+        return replace(self, k=1, temperature=0.0)
 
     @property
     def do_sample(self) -> bool:

@@ -2,17 +2,17 @@
 
     python -m backend.jobs.critic RUN_DIR
 
-Reads ``RUN_DIR/config.json`` (see :class:`CriticJobConfig`) and ``RUN_DIR/requests.parquet``
-(request_id, image_path, text; written by ``annotators.critic``). Runs the critic through the same
-engine interface as the policy (``hf`` here, ``vllm`` on GPUs), greedy, ``max_new_tokens`` from the
-config. Writes ``RUN_DIR/replies.parquet`` (request_id, text, num_tokens, latency_ms, finish_reason)
+Reads ``RUN_DIR/config.json`` (``backend.jobs.configs.CriticJobConfig``: the workspace's
+``judges.critic`` section plus the run's paths) and ``RUN_DIR/requests.parquet`` (request_id,
+image_path, text; the prompts ``annotators.critic`` renders, written by the judge step). Runs the
+critic through the same engine interface as the policy (``hf`` here, ``vllm`` on GPUs), greedy,
+``critic.max_new_tokens`` from the config. Writes ``RUN_DIR/replies.parquet`` (request_id, text, num_tokens, latency_ms, finish_reason)
 atomically at the end. Parsing and ingesting are the owner's job. Never opens the database.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import sys
 import time
@@ -21,62 +21,19 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, make_engine
-from core.config import format_validation_error
-from core.errors import ConfigError, PrefloopError, UsageError
+from backend.jobs.configs import CriticJobConfig, load_job_config
+from core.errors import PrefloopError, UsageError
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
 REQUESTS = "requests.parquet"
 OUTPUT = "replies.parquet"
 REQUEST_COLUMNS = ("request_id", "image_path", "text")
 SCHEMA = pa.schema([("request_id", pa.string()), ("text", pa.string()), ("num_tokens", pa.int32()),
                     ("latency_ms", pa.float64()), ("finish_reason", pa.string())])
-
-
-class CriticJobConfig(BaseModel):
-    """``RUN_DIR/config.json`` of a critic job, written by the owner."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    model_path: str
-    """Folder (or cached hub id) of the critic VLM."""
-    model_name: str = ""
-    """The critic's name in prefloop.toml (for logs)."""
-    engine: str = "hf"
-    """Generation engine: a key of backend.engines.ENGINES (hf, vllm)."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16, float16."""
-    device: str = "cpu"
-    """Torch device for the hf engine."""
-    batch_size: int = Field(8, ge=1)
-    """Requests per generate() call."""
-    max_new_tokens: int = Field(256, ge=1)
-    """Cap on each reply's tokens."""
-    mode: str = "pointwise"
-    """Critic mode the prompts were rendered for (for logs)."""
-    judge_version: str = ""
-    """Judge version of the prompts (for logs)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """vllm: GPUs per job."""
-
-
-def load_config(run_dir: Path) -> CriticJobConfig:
-    path = run_dir / CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{run_dir} has no {CONFIG}; the owner writes it before starting the job") from None
-    except ValueError as err:
-        raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    try:
-        return CriticJobConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path))) from None
 
 
 def load_requests(run_dir: Path) -> list[dict]:
@@ -128,15 +85,16 @@ def main(argv: list[str]) -> int:
         raise UsageError("usage: python -m backend.jobs.critic RUN_DIR")
     # ---- setup
     run_dir = Path(argv[0])
-    cfg = load_config(run_dir)
+    cfg = load_job_config(run_dir, CriticJobConfig)
+    critic = cfg.critic
     rows = load_requests(run_dir)
-    params = SamplingSpec(k=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+    params = SamplingSpec(k=1, temperature=0.0, max_new_tokens=critic.max_new_tokens)
     t0 = time.perf_counter()
-    engine = make_engine(cfg.engine, EngineSpec(model_path=cfg.model_path, dtype=cfg.dtype, device=cfg.device,
-                                                batch_size=cfg.batch_size,
-                                                tensor_parallel_size=cfg.tensor_parallel_size))
-    job.log(f"loaded critic {cfg.model_name or cfg.model_path} ({cfg.engine} engine) in "
-            f"{time.perf_counter() - t0:.1f} s; {len(rows)} {cfg.mode} requests")
+    engine = make_engine(critic.engine, EngineSpec(model_path=cfg.model_path, dtype=cfg.dtype, device=cfg.device,
+                                                   batch_size=cfg.batch_size,
+                                                   tensor_parallel_size=cfg.tensor_parallel_size))
+    job.log(f"loaded critic {critic.model or cfg.model_path} ({critic.engine} engine) in "
+            f"{time.perf_counter() - t0:.1f} s; {len(rows)} {critic.mode} requests")
 
     # ---- run
     images = _Images()

@@ -2,7 +2,8 @@
 
     python -m backend.jobs.generate RUN_DIR
 
-Reads ``RUN_DIR/config.json`` (see :class:`GenerateJobConfig`) and ``RUN_DIR/prompts.parquet``
+Reads ``RUN_DIR/config.json`` (``backend.jobs.configs.GenerateJobConfig``: the workspace's
+``policy`` and ``generation`` sections plus the run's paths and ids) and ``RUN_DIR/prompts.parquet``
 (prompt_id, image_path, question). The ``original`` view gets k samples per prompt with the
 configured sampling; each ``aug:*`` view gets ONE greedy answer on the image augmented with a seed
 derived from (seed, prompt_id, view), as SeVa does. Speaks JSON lines on stdout (backend.progress)
@@ -22,17 +23,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from annotators.seva import View, apply_view, parse_view
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, derive_seed, make_engine
-from core.config import format_validation_error
-from core.errors import ConfigError, PrefloopError, UsageError
+from backend.jobs.configs import GenerateJobConfig, load_job_config
+from core.errors import PrefloopError, UsageError
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.json"
 PROMPTS = "prompts.parquet"
 OUTPUT = "candidates.parquet"
 PROMPT_COLUMNS = ("prompt_id", "image_path", "question")
@@ -46,62 +45,9 @@ SCHEMA = pa.schema([
 ])
 
 
-class GenerateJobConfig(BaseModel):
-    """``RUN_DIR/config.json`` of a generate job, written by the owner."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    model_path: str
-    """Folder (or cached hub id) of the policy checkpoint (the base model when adapter_path is set)."""
-    engine: str = "hf"
-    """Generation engine: a key of backend.engines.ENGINES (hf, vllm)."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16, float16."""
-    device: str = "cpu"
-    """Torch device for the hf engine."""
-    k: int = Field(5, ge=1)
-    """Samples per prompt on the original view."""
-    temperature: float = Field(0.7, ge=0.0)
-    """Sampling temperature of the original view (0: greedy, one answer)."""
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    """Nucleus sampling threshold."""
-    max_new_tokens: int = Field(64, ge=1)
-    """Cap on each answer's tokens."""
-    seed: int = 0
-    """Base seed; per-prompt seeds derive from (seed, prompt_id, view)."""
-    batch_size: int = Field(8, ge=1)
-    """Prompts per generate() call."""
-    views: list[str] = ["original"]
-    """View specs: `original`, `aug:flip`, `aug:diffusion:500`, ..."""
-    round_id: int
-    """Round the candidates belong to."""
-    checkpoint_id: str
-    """Policy checkpoint id recorded with each candidate."""
-    model_name: str = ""
-    """Model name recorded with each candidate (defaults to model_path)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """vllm: GPUs per job."""
-    adapter_path: str | None = None
-    """LoRA adapter folder on top of model_path (vllm LoRARequest / peft for hf)."""
-
-
 def candidate_id(round_id: int, checkpoint_id: str, prompt_id: str, view: str, sample_index: int) -> str:
     key = f"{round_id}|{checkpoint_id}|{prompt_id}|{view}|{sample_index}"
     return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
-
-
-def load_config(run_dir: Path) -> GenerateJobConfig:
-    path = run_dir / CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{run_dir} has no {CONFIG}; the owner writes it before starting the job") from None
-    except ValueError as err:
-        raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    try:
-        return GenerateJobConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path))) from None
 
 
 def load_prompts(run_dir: Path) -> list[dict]:
@@ -157,20 +103,21 @@ def main(argv: list[str]) -> int:
         raise UsageError("usage: python -m backend.jobs.generate RUN_DIR")
     # ---- setup
     run_dir = Path(argv[0])
-    cfg = load_config(run_dir)
-    views = [parse_view(v) for v in cfg.views]
+    cfg = load_job_config(run_dir, GenerateJobConfig)
+    gen, pol = cfg.generation, cfg.policy
+    model_name = pol.model or cfg.model_path
+    views = [parse_view(v) for v in gen.views]
     rows = load_prompts(run_dir)
     check_images(rows)
-    policy = SamplingSpec(k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    greedy = SamplingSpec(k=1, temperature=0.0, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    if cfg.temperature == 0 and cfg.k > 1:
-        job.log(f"temperature 0 is greedy: one candidate per prompt instead of k={cfg.k}")
+    policy = SamplingSpec.of(gen)
+    greedy = policy.as_greedy()
+    if gen.temperature == 0 and gen.k > 1:
+        job.log(f"temperature 0 is greedy: one candidate per prompt instead of k={gen.k}")
     t0 = time.perf_counter()
-    engine = make_engine(cfg.engine, EngineSpec(
-        model_path=cfg.model_path, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
-        tensor_parallel_size=cfg.tensor_parallel_size, adapter_path=cfg.adapter_path))
-    job.log(f"loaded {cfg.model_name or cfg.model_path} ({cfg.engine} engine) in {time.perf_counter() - t0:.1f} s")
+    engine = make_engine(pol.engine, EngineSpec(
+        model_path=cfg.model_path, dtype=pol.dtype, device=cfg.device, batch_size=gen.batch_size,
+        tensor_parallel_size=pol.tensor_parallel_size, adapter_path=cfg.adapter_path))
+    job.log(f"loaded {model_name} ({pol.engine} engine) in {time.perf_counter() - t0:.1f} s")
 
     # ---- run
     out_rows: list[dict] = []
@@ -180,9 +127,9 @@ def main(argv: list[str]) -> int:
         params = policy if view.is_original else greedy
         origin = "policy" if view.is_original else "seva_augmented"
         sampling = json.dumps(params.record())
-        for start in range(0, len(rows), cfg.batch_size):
-            batch = rows[start:start + cfg.batch_size]
-            requests, records = view_requests(batch, view, cfg.seed)
+        for start in range(0, len(rows), gen.batch_size):
+            batch = rows[start:start + gen.batch_size]
+            requests, records = view_requests(batch, view, gen.seed)
             t = time.perf_counter()
             outputs = engine.generate(requests, params)
             seconds = time.perf_counter() - t
@@ -195,7 +142,7 @@ def main(argv: list[str]) -> int:
                         "prompt_id": row["prompt_id"], "round_id": cfg.round_id,
                         "checkpoint_id": cfg.checkpoint_id, "text": o.text, "origin": origin, "view": view.spec,
                         "augmentation": json.dumps(record) if record else None, "sampling": sampling,
-                        "model": cfg.model_name or cfg.model_path, "engine": cfg.engine, "seed": req.seed,
+                        "model": model_name, "engine": pol.engine, "seed": req.seed,
                         "sample_index": i, "num_tokens": o.num_tokens, "finish_reason": o.finish_reason,
                     })
             done += len(batch)

@@ -1,7 +1,8 @@
 """Merge a LoRA adapter into full weights: ``python -m backend.jobs.merge --adapter DIR --base PATH --out DIR``.
 
-Runs in a fresh process (merging inside a ZeRO-3 training process fails). Writes into ``--out`` (created
-if missing; callers that need atomicity pass a staging folder): the merged model, loadable with
+The train job calls ``merge`` in its own process after a single-process run, and runs this module in a
+fresh process after a distributed one (merging inside a ZeRO-3 training process fails). Writes into
+``--out`` (created if missing; callers that need atomicity pass a staging folder): the merged model, loadable with
 ``AutoModelForImageTextToText.from_pretrained``, its processor (the adapter folder's if it has one, else
 the base's), and the adapter's ``meta.json`` with ``kind`` set to ``merged``. Exit 0 on success; on
 failure one ``error`` event on stdout and exit 1.

@@ -1,8 +1,8 @@
 """The DPO training job: ``python -m backend.jobs.train RUN_DIR`` (or one rank of the deepspeed launcher).
 
-In RUN_DIR: ``config.json`` (see ``JobConfig``: the paths and ids of the round plus every field of
-``core.config.TrainConfig`` at top level, ``device`` and ``dtype``) and ``pairs.parquet`` (prompt_id,
-chosen_id, rejected_id, image_path, question, chosen_text, rejected_text).
+In RUN_DIR: ``config.json`` (``backend.jobs.configs.TrainJobConfig``: the paths and ids of the round,
+``device`` and ``dtype``, and the workspace's ``core.config.TrainConfig`` nested as ``train``) and
+``pairs.parquet`` (prompt_id, chosen_id, rejected_id, image_path, question, chosen_text, rejected_text).
 With ``ref_cache_dir`` set, each pair's reference log-probs are looked up in that folder first
 (``backend.ref_cache``) and the missing ones are appended as they are computed; when every pair is
 cached the reference model is not even loaded (with LoRA the reference is the policy with its
@@ -28,15 +28,13 @@ import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backend import dpo, ref_cache
-from backend.progress import emit, parse_line, read_config, write_atomic
+from backend.jobs.configs import TrainJobConfig, load_job_config
+from backend.progress import emit, parse_line, write_atomic
 from backend.progress import log as log_event
-from core.config import TrainConfig, format_validation_error
-from core.errors import ConfigError, JobFailed, PrefloopError
+from core.config import TrainConfig
+from core.errors import JobFailed, PrefloopError
 
 log = logging.getLogger(__name__)
 
@@ -47,51 +45,12 @@ DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK
                    "MASTER_ADDR", "MASTER_PORT")
 
 
-class JobConfig(BaseModel):
-    """RUN_DIR/config.json: the TrainConfig fields sit at top level beside these keys."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    model_path: str
-    """Folder of the policy to start from: c(r-1), full or merged weights."""
-    ref_model_path: str | None = None
-    """Folder of the reference policy (None or equal to model_path: TRL derives it from the model)."""
-    output_dir: str
-    """The checkpoint folder to write (must not exist, unless it holds this same checkpoint_id)."""
-    round_id: int | None = None
-    checkpoint_id: str
-    parent_id: str | None = None
-    base_model: str
-    """The base model name of the lineage (e.g. `tiny` or a hub id), recorded in meta.json."""
-    pairs_hash: str | None = None
-    """Hash of the frozen pairs, recorded in meta.json."""
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_steps: int = -1
-    """Stop after this many optimizer steps (tests, smoke runs); -1 runs `epochs` in full."""
-    ref_cache_dir: str | None = None
-    """Folder of the reference log-prob cache (kept across retries of the round); None: no cache."""
-    train: TrainConfig
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m backend.jobs.train", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="folder with config.json and pairs.parquet")
     # the deepspeed launcher appends --local_rank=N; the rank is read from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def load_job_config(run_dir: Path) -> JobConfig:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise JobFailed(f"{path} is missing: the owner writes it before starting the training job")
-    raw = read_config(run_dir)
-    train = {name: raw.pop(name) for name in TrainConfig.model_fields if name in raw}
-    try:  # two steps, so that an error names the key as it is written in the file
-        return JobConfig.model_validate({**raw, "train": TrainConfig.model_validate(train)})
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path))) from None
 
 
 def read_pairs(path: Path) -> list[dict]:
@@ -137,8 +96,19 @@ def prepare_output(output_dir: Path, checkpoint_id: str) -> Path:
     return staging
 
 
-def run_merge(adapter_dir: Path, base: str, out: Path, dtype: str) -> None:
-    """backend.jobs.merge in a fresh process: merging inside a (ZeRO-3) training process fails."""
+def run_merge(adapter_dir: Path, base: str, out: Path, dtype: str, *, fresh_process: bool) -> None:
+    """backend.jobs.merge: here after a single-process run (its libraries are loaded already: a fresh
+    interpreter would spend seconds importing them again), in a fresh process after a distributed one
+    (merging inside a ZeRO-3 training process fails)."""
+    if not fresh_process:
+        from backend.jobs.merge import merge
+
+        try:
+            merge(adapter_dir, base, out, dtype)
+        except Exception as err:  # one line for the owner, as from the fresh process
+            reason = str(err) if isinstance(err, PrefloopError) else f"{type(err).__name__}: {err}"
+            raise JobFailed(f"merging the LoRA adapter failed: {reason}") from err
+        return
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV and not k.startswith("ACCELERATE_")}
     cmd = [sys.executable, "-m", "backend.jobs.merge", "--adapter", str(adapter_dir), "--base", base,
            "--out", str(out), "--dtype", dtype]
@@ -156,7 +126,7 @@ def no_pairs_message(stats, train: TrainConfig) -> str:
             "(raise train.max_length or lower train.max_completion_length)")
 
 
-def open_ref_cache(job: JobConfig, processor) -> tuple[ref_cache.RefLogpCache | None, dpo.RefKeyFn | None]:
+def open_ref_cache(job: TrainJobConfig, processor) -> tuple[ref_cache.RefLogpCache | None, dpo.RefKeyFn | None]:
     """The job's reference log-prob cache and its key function, or (None, None) without a cache folder."""
     if not job.ref_cache_dir:
         return None, None
@@ -173,7 +143,7 @@ def open_ref_cache(job: JobConfig, processor) -> tuple[ref_cache.RefLogpCache | 
 def train(run_dir: Path) -> dict:
     started = time.time()
     # ---- setup -------------------------------------------------------------------------------------
-    job = load_job_config(run_dir)
+    job = load_job_config(run_dir, TrainJobConfig)
     cfg = job.train
     output_dir = Path(job.output_dir)
     for role, path in (("model_path", job.model_path), ("ref_model_path", job.ref_model_path)):
@@ -255,7 +225,8 @@ def train(run_dir: Path) -> dict:
         if kind == "merged":
             write_atomic(weights_dir / "meta.json", json.dumps({**meta, "kind": "adapter"}, indent=2))
             t1 = time.time()
-            run_merge(weights_dir, job.model_path, staging, job.dtype)
+            run_merge(weights_dir, job.model_path, staging, job.dtype,
+                      fresh_process=ds_config is not None or args.world_size > 1)
             log_event(f"merged the adapter into full weights in {time.time() - t1:.1f} s")
         summary["seconds"] = round(time.time() - started, 2)
         meta["seconds"] = summary["seconds"]

@@ -59,9 +59,9 @@ def run_eval(ws: Workspace, round_id: int, *, on_event: EventHandler | None = No
                        tuple(CandidateText(c["candidate_id"], c["text"]) for c in p["candidates"]), p["reference"])
              for p in generation.eval_prompts(cur, round_id, str(ws.root))]
     run_dir = step_dir(ws, round_id, "eval-judge")
-    if hasattr(judge, "bind"):
-        judge.bind(run_dir, on_event)
-    from backend.steps.judge import verdict_rows
+    from backend.steps.judge import plug_model_job, verdict_rows
+
+    plug_model_job(judge, ws.root, ws.config, run_dir, on_event)
 
     with tracked_step(ws, round_id, "eval-judge", run_dir):
         verdicts = judge.judge(items)

@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backend.job_runner import CancelCheck, EventHandler, Job, python_module, write_config
+from backend.jobs.configs import GenerateJobConfig
 from backend.models import default_device
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from core import config as cfgmod
-from storage import generation, review, rounds
+from storage import generation, review_queue, rounds
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -42,21 +43,17 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
     run_dir = step_dir(ws, round_id, step)
     pq.write_table(pa.Table.from_pylist(todo), run_dir / "prompts.parquet")
     (run_dir / "candidates.parquet").unlink(missing_ok=True)
-    policy = ws.config.policy
-    config = {
-        **gen.model_dump(), "model_path": str(checkpoint_path(ws, ckpt_id)), "model_name": policy.model,
-        "engine": policy.engine, "dtype": policy.dtype, "device": default_device(),
-        "tensor_parallel_size": policy.tensor_parallel_size, "round_id": round_id, "checkpoint_id": ckpt_id,
-        "adapter_path": None,
-    }
-    write_config(run_dir, config)
+    config = GenerateJobConfig(model_path=str(checkpoint_path(ws, ckpt_id)), adapter_path=None,
+                               device=default_device(), round_id=round_id, checkpoint_id=ckpt_id,
+                               policy=ws.config.policy, generation=gen)
+    write_config(run_dir, config.model_dump())
     with tracked_step(ws, round_id, step, run_dir):
         result = Job(python_module("backend.jobs.generate", str(run_dir)), run_dir, on_event=on_event,
                      cancel=cancel).wait()
         added = generation.ingest_candidates_parquet(cur, run_dir / "candidates.parquet",
                                                      origin="eval" if eval_origin else None)
         if not eval_origin:
-            review.refresh_queue(cur, round_id, ws.config.pairs.judge)
+            review_queue.refresh_queue(cur, round_id, ws.config.pairs.judge)
         summary = {"round_id": round_id, "checkpoint_id": ckpt_id, "prompts": len(todo), "candidates": added,
                    "seconds": round(result.seconds, 1), **{f"job_{k}": v for k, v in result.summary.items()}}
         rounds.finish_step(cur, round_id, step, "done", summary=summary)

@@ -2,9 +2,11 @@
 
 ``run_judge(ws, "reference")`` builds one JudgeItem per prompt of the round whose candidates have no
 judgment yet from that judge and version, runs the judge, and writes every verdict (judgments and
-pairwise verdicts) in ONE transaction. In-process judges (gemini, reference) run in the owner; a judge
-that runs a job subprocess (the critic) gets the step's run folder through ``bind(run_dir, on_event)``.
-A second run with nothing new judges nothing.
+pairwise verdicts) in ONE transaction. What the judge is comes from its declared ``traits``
+(``annotators.base.JudgeTraits``). Judges run in the owner; the model of a judge whose traits say
+``runs_model_job`` (the critic) runs as the critic job (``backend.jobs.critic``) in the step's run
+folder, which this step starts and plugs into the judge as ``hooks.run_model``: the judge builds the
+requests and parses the replies. A second run with nothing new judges nothing.
 """
 
 from __future__ import annotations
@@ -14,30 +16,38 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-from annotators.base import METRICS, CandidateScore, CandidateText, JudgeItem, Verdict
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from annotators.base import (
+    METRICS,
+    CandidateScore,
+    CandidateText,
+    Judge,
+    JudgeItem,
+    ModelReply,
+    ModelRequest,
+    ModelRunner,
+    Verdict,
+)
 from annotators.registry import make_judge
-from backend.job_runner import EventHandler
+from backend import models
+from backend.job_runner import EventHandler, Job, python_module, write_config
+from backend.jobs.configs import CriticJobConfig
 from backend.progress import write_atomic
 from backend.steps.common import step_dir, tracked_step
 from core import config as cfgmod
+from core.config import WorkspaceConfig
 from core.errors import UsageError
 from storage import judgments as jstore
-from storage import review, rounds
+from storage import review_queue, rounds
 from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256
 """In-process judges without their own progress hook get items in chunks of this size."""
-
-
-@runtime_checkable
-class JobJudge(Protocol):
-    """A judge that runs a job subprocess and wants the step's run folder and event handler."""
-
-    def bind(self, run_dir: Path, on_event: EventHandler | None = None) -> None: ...
 
 
 def verdict_rows(items: Sequence[JudgeItem], verdicts: Sequence[Verdict], judge: str,
@@ -81,15 +91,53 @@ def _items(rows: list[dict]) -> list[JudgeItem]:
             for r in rows]
 
 
-def _run(judge, items: list[JudgeItem], on_event: EventHandler) -> list[Verdict]:
+def critic_model_path(root: Path, name: str) -> str:
+    """The critic's loadable folder or hub id (builds `tiny`/`demo` into checkpoints/critic-<name> once)."""
+    models.check_model_name(name)
+    if name in models.BUILTIN:
+        return str(models.materialize(name, root / "checkpoints" / f"critic-{name}"))
+    return str(models.materialize(name, root))
+
+
+def critic_job_runner(root: Path, config: WorkspaceConfig, judge_version: str, run_dir: Path,
+                      on_event: EventHandler | None = None) -> ModelRunner:
+    """``hooks.run_model`` for the critic: its requests are answered by the critic job in ``run_dir``."""
+
+    def run(requests: Sequence[ModelRequest]) -> list[ModelReply]:
+        from backend.jobs import critic as critic_job  # the job module imports the engines (torch)
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / critic_job.OUTPUT).unlink(missing_ok=True)
+        pq.write_table(pa.Table.from_pylist([{"request_id": r.request_id, "image_path": r.image_path,
+                                              "text": r.text} for r in requests]), run_dir / critic_job.REQUESTS)
+        job = CriticJobConfig(model_path=critic_model_path(root, config.judges.critic.model),
+                              device=models.default_device(), dtype=config.policy.dtype,
+                              tensor_parallel_size=config.policy.tensor_parallel_size,
+                              batch_size=config.generation.batch_size, judge_version=judge_version,
+                              critic=config.judges.critic)
+        write_config(run_dir, job.model_dump())
+        Job(python_module("backend.jobs.critic", str(run_dir)), run_dir, on_event=on_event).wait()
+        return [ModelReply(**row) for row in critic_job.read_replies(run_dir)]
+
+    return run
+
+
+def plug_model_job(judge: Judge, root: Path, config: WorkspaceConfig, run_dir: Path,
+                   on_event: EventHandler | None = None) -> None:
+    """Give a judge whose traits say ``runs_model_job`` the critic job, in ``run_dir``, as ``hooks.run_model``."""
+    if judge.traits.runs_model_job:
+        judge.hooks.run_model = critic_job_runner(root, config, judge.version, run_dir, on_event)
+
+
+def _run(judge: Judge, items: list[JudgeItem], on_event: EventHandler) -> list[Verdict]:
     """Run a judge on items, reporting progress; check the contract (same length and order)."""
     total = len(items)
-    if isinstance(judge, JobJudge):  # the job reports its own progress (critic requests)
+    if judge.traits.runs_model_job:  # the job reports its own progress (critic requests)
         verdicts = list(judge.judge(items))
-    elif hasattr(judge, "on_progress"):  # e.g. gemini: progress per finished prompt
+    elif judge.traits.reports_progress:  # e.g. gemini: progress per finished prompt
         on_event({"event": "progress", "done": 0, "total": total, "unit": "prompts"})
-        judge.on_progress = lambda done, n: on_event({"event": "progress", "done": done, "total": n,
-                                                      "unit": "prompts"})
+        judge.hooks.on_progress = lambda done, n: on_event({"event": "progress", "done": done, "total": n,
+                                                            "unit": "prompts"})
         verdicts = list(judge.judge(items))
     else:
         on_event({"event": "progress", "done": 0, "total": total, "unit": "prompts"})
@@ -125,11 +173,11 @@ def run_judge(ws: Workspace, judge_name: str, *, round_id: int | None = None, li
     judge = make_judge(judge_name, config, ws.root)
     version = judge.version
     rows = jstore.candidates_to_judge(cur, round_id, judge_name, version, str(ws.root), retry_invalid=retry_invalid,
-                                      whole_prompt=not getattr(judge, "per_candidate", False), limit=limit)
+                                      whole_prompt=not judge.traits.per_candidate, limit=limit)
     summary = {"round_id": round_id, "judge": judge_name, "judge_version": version, "prompts": 0,
                "candidates": 0, "ok": 0, "invalid": 0, "error": 0, "skipped_no_reference": 0,
                "pairwise_verdicts": 0}
-    if getattr(judge, "requires_reference", False):
+    if judge.traits.requires_reference:
         with_ref = [r for r in rows if r["reference"] is not None and r["reference"].strip()]
         summary["skipped_no_reference"] = len(rows) - len(with_ref)
         rows = with_ref
@@ -139,17 +187,16 @@ def run_judge(ws: Workspace, judge_name: str, *, round_id: int | None = None, li
                               + (f"; {summary['skipped_no_reference']} prompt(s) have no reference answer"
                                  if summary["skipped_no_reference"] else ""))
         return summary
-    step = f"judge-{judge_name}" + (f"-{judge.mode}" if hasattr(judge, "mode") else "")
+    step = f"judge-{judge_name}" + (f"-{judge.traits.variant}" if judge.traits.variant else "")
     run_dir = step_dir(ws, round_id, step)
     items = _items(rows)
-    if isinstance(judge, JobJudge):
-        judge.bind(run_dir, on_event)
+    plug_model_job(judge, ws.root, config, run_dir, on_event)
     started = time.perf_counter()
     with tracked_step(ws, round_id, step, run_dir):
         verdicts = _run(judge, items, on_event)
         jrows, prows = verdict_rows(items, verdicts, judge_name, version)
         jstore.write_judgments(cur, jrows, prows)
-        review.refresh_queue(cur, round_id, config.pairs.judge)
+        review_queue.refresh_queue(cur, round_id, config.pairs.judge)
         for r in jrows:
             summary[r["status"]] += 1
         summary.update(prompts=len(items), candidates=len(jrows), pairwise_verdicts=len(prows),

@@ -20,8 +20,18 @@ from storage import prompts as prompts_db
 from storage import rounds
 from storage import users as users_db
 from storage.workspace import open_workspace
-from tests.conftest import REPO, make_image, review_workspace, run_cli
-from tests.test_server import _wait_port, free_port, shown
+from tests.helpers import (
+    REPO,
+    cpu_seconds,
+    free_port,
+    make_image,
+    review_workspace,
+    run_cli,
+    shown,
+    wait_for_job,
+    wait_port,
+    wait_until,
+)
 
 N_PROMPTS = 40
 CONFIG = {"generation.k": 2, "generation.max_new_tokens": 8, "train.batch_size": 2,
@@ -71,16 +81,6 @@ def label_until(url: str, name: str, stop: threading.Event, acked: list) -> None
         return
 
 
-def train_job(owner: psutil.Process) -> psutil.Process | None:
-    for child in owner.children(recursive=True):
-        try:
-            if "backend.jobs.train" in " ".join(child.cmdline()):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
 def test_kill9_while_labelling_and_training_then_restart(tmp_path, tiny_model_dir):
     w = build(tmp_path, tiny_model_dir)
     port = free_port()
@@ -88,26 +88,18 @@ def test_kill9_while_labelling_and_training_then_restart(tmp_path, tiny_model_di
     stop, acked = threading.Event(), []
     threads = []
     try:
-        _wait_port(port, proc)
+        wait_port(port, proc)
         url = f"http://127.0.0.1:{port}/"
         for name in ("ann", "bob"):
             t = threading.Thread(target=label_until, args=(url, name, stop, acked), daemon=True)
             t.start()
             threads.append(t)
-        deadline = time.time() + 60
-        while len(acked) < 6 and time.time() < deadline:
-            time.sleep(0.2)
-        assert len(acked) >= 6, "the annotators got going"
+        wait_until(lambda: len(acked) >= 6, 60, "the annotators to get going (6 acknowledged labels)")
         lead = Client(url, auth=("lead", "lead-password"), verbose=False)
         assert "started" in lead.predict(api_name="/start_round").lower()
-        owner = psutil.Process(proc.pid)
-        deadline, job = time.time() + 300, None
-        while job is None and time.time() < deadline:
-            assert proc.poll() is None, proc.stderr.read()
-            job = train_job(owner)
-            time.sleep(0.2)
-        assert job is not None, "the round reached its training step"
-        time.sleep(1.5)
+        job = wait_for_job(proc, "backend.jobs.train", timeout=300)  # the round reached its training step
+        # killed while the job trains: once it has used 1.5 s of its own CPU time, whatever the machine's load
+        wait_until(lambda: cpu_seconds(job) >= 1.5, 120, "the train job to use 1.5 s of CPU")
         n_before_kill = len(acked)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)

@@ -22,14 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
-import psutil
 import pytest
 
 from app.cli import main as cli_main
 from core import config as cfgmod
-from tests.conftest import REPO, make_image, run_cli
 from tests.fakes.gemini_server import FakeGemini, error, scores
-from tests.test_rounds import make_ws, q
+from tests.helpers import REPO, make_image, make_ws, q, run_cli, wait_for_job
 
 CONTENT_TABLES = ("images", "prompts", "checkpoints", "candidates", "judgments", "pairwise_verdicts", "labels",
                   "pairs", "train_metrics", "evals", "users")
@@ -95,20 +93,6 @@ def read_only(folder: Path):
 def start_owner(ws: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "app.cli", "round", *args, "-w", str(ws), "--quiet"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for_job(owner: subprocess.Popen, needle: str, timeout: float = JOB_TIMEOUT_S) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert owner.poll() is None, f"the owner exited before its {needle} job started: {owner.communicate()}"
-        for child in psutil.Process(owner.pid).children(recursive=True):
-            try:
-                if needle in " ".join(child.cmdline()):
-                    return child
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.05)
-    raise AssertionError(f"no {needle} job within {timeout} s")
 
 
 def finish(owner: subprocess.Popen) -> tuple[int, str, str]:

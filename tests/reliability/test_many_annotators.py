@@ -17,9 +17,7 @@ from gradio_client import Client
 from storage import prompts as prompts_db
 from storage import users as users_db
 from storage.workspace import open_workspace
-from tests.conftest import REPO
-from tests.test_review_handlers import build_workspace
-from tests.test_server import _wait_port, free_port, shown
+from tests.helpers import REPO, build_workspace, free_port, shown, wait_port
 
 ANNOTATORS = 16
 LABELS_EACH = 50
@@ -42,7 +40,7 @@ def crowd(tmp_path_factory):
                             env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_port(port, proc)
+        wait_port(port, proc)
         yield f"http://127.0.0.1:{port}/", root, proc
     finally:
         if proc.poll() is None:

@@ -14,8 +14,7 @@ import pytest
 
 from app.server import AppContext
 from app.server.app import launch
-from tests.test_review_handlers import build_workspace
-from tests.test_server import free_port
+from tests.helpers import build_workspace, free_port
 
 # What an annotator's browser calls: the review screen, the keep-alive, the tab visibility.
 ANNOTATOR_ENDPOINTS = {"next", "submit", "confirm_ai", "skip", "undo", "ping", "show_tabs"}
