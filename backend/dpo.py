@@ -30,7 +30,7 @@ from typing import Any
 from backend.progress import emit, progress
 from core import names
 from core.config import TrainConfig
-from core.errors import JobFailed
+from core.errors import JobFailed, UsageError
 from core.trl_format import trl_row
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,6 @@ PRECISIONS: dict[str, dict[str, bool]] = {
     "bfloat16": {"bf16": True, "fp16": False},
     "float16": {"bf16": False, "fp16": True},
 }
-
-# Final module-name component of the multimodal projector, per architecture family.
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "merger", "connector")
-
 
 def loss_args(train: TrainConfig) -> dict[str, Any]:
     """DPOConfig keyword arguments for the configured loss types, weights and label smoothing."""
@@ -123,18 +119,30 @@ def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str,
 
 
 def lora_config(train: TrainConfig, model):
-    """peft LoraConfig from the train section; the projector is trained in full when asked."""
+    """peft LoraConfig from the train section and the model's family (``backend.families``): the target
+    regex (``auto``: the family's language-model layers), and the family's projector trained in full
+    when asked."""
     from peft import LoraConfig
 
+    from backend.families import family_of, lora_target
+
+    try:
+        family = family_of(model.config)
+    except UsageError as err:
+        if train.lora_target == "auto" or train.train_projector:
+            raise JobFailed(f"{err}; for another architecture set train.lora_target to a regex over its "
+                            "language model's module names and train.train_projector = false") from None
+        return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
+                          target_modules=train.lora_target)
     modules_to_save = None
     if train.train_projector:
         modules_to_save = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
-                                  if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES})
+                                  if name.rsplit(".", 1)[-1] in family.projector})
         if not modules_to_save:
             raise JobFailed(f"train.train_projector: no multimodal projector found in {type(model).__name__} "
-                            f"(looked for {', '.join(PROJECTOR_NAMES)}); set train.train_projector = false")
+                            f"(looked for {', '.join(family.projector)}); set train.train_projector = false")
     return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                      target_modules=train.lora_target, modules_to_save=modules_to_save)
+                      target_modules=lora_target(family, train.lora_target), modules_to_save=modules_to_save)
 
 
 @dataclass

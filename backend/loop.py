@@ -94,7 +94,10 @@ def _pairs(ctx: LoopContext) -> dict:
 
     if pairstore.is_frozen(ctx.ws.cursor(), ctx.round_id):
         return {"frozen": True}
-    return run_pairs(ctx.ws)
+    summary = run_pairs(ctx.ws)
+    if summary["pairs"] == 0:  # stop here, saying which setting to change, rather than fail in train
+        raise UsageError(summary["message"])
+    return summary
 
 
 def _train(ctx: LoopContext) -> dict:

@@ -1,8 +1,11 @@
 """Model names -> folders, and loading with clear errors.
 
-A model is named by ``tiny`` (built here from config), ``demo`` (SmolLM2 joined to a vision tower,
-see the demo issue), a Hugging Face hub id, or a local folder. Nothing assumes one architecture:
-loading goes through ``AutoModelForImageTextToText`` and ``AutoProcessor``.
+A model is named by ``tiny`` (built here from config), ``tiny-llava-onevision`` / ``tiny-qwen2-vl`` /
+``tiny-idefics3`` (tiny random-weight builds of the real families, ``backend.tiny_families``), ``demo``
+(SmolLM2 joined to a vision tower, see the demo issue), a Hugging Face hub id, or a local folder.
+Nothing assumes one architecture: loading goes through ``AutoModelForImageTextToText`` and
+``AutoProcessor``; when the latter cannot build the full processor (no torchvision), the family table
+(``backend.families``) says which processor class to rebuild around the PIL image processor.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from core.errors import ModelNotAvailable
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("tiny", "demo")
+TINY_FAMILIES = ("tiny-llava-onevision", "tiny-qwen2-vl", "tiny-idefics3")
+"""Tiny random-weight builds of the real families (``backend.tiny_families.BUILDERS``)."""
+BUILTIN = ("tiny", "demo", *TINY_FAMILIES)
+"""Model names built here rather than loaded from a folder or the hub."""
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -57,7 +63,8 @@ def check_model_name(name: str) -> str:
         return "local"
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise ModelNotAvailable(
-            f"model {name!r} is neither `tiny`, `demo`, an existing folder nor a hub id like `org/name`")
+            f"model {name!r} is neither a built-in ({', '.join(BUILTIN)}), an existing folder nor a hub id "
+            "like `org/name`")
     if _hub_cached(name):
         return "hub"
     if not _hub_reachable():
@@ -71,17 +78,56 @@ def _is_processor_complete(processor) -> bool:
     return hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")
 
 
-def load_processor(path: str | Path):
+def _saved_processor_kwargs(path: str | Path, cls) -> dict:
+    """The processor's own settings saved beside the model (processor_config.json), those ``cls`` takes."""
+    import inspect
+
+    from transformers.utils import cached_file
+
+    found = cached_file(str(path), "processor_config.json", _raise_exceptions_for_missing_entries=False)
+    saved = json.loads(Path(found).read_text(encoding="utf-8")) if found else {}
+    params = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer",
+                                                                 "video_processor", "args", "kwargs"}
+    return {k: v for k, v in saved.items() if k in params}
+
+
+def _rebuild_processor(path: str | Path, family_source=None):
+    """The family's processor around the PIL image processor, the tokenizer and the saved settings."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from backend.families import family_of, processor_class
+
+    cls = processor_class(family_of(family_source if family_source is not None else path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    kwargs = _saved_processor_kwargs(path, cls)
+    if tokenizer.chat_template and "chat_template" not in kwargs:
+        kwargs["chat_template"] = tokenizer.chat_template
+    images = AutoImageProcessor.from_pretrained(str(path), backend="pil")
+    return cls(image_processor=images, tokenizer=tokenizer, **kwargs)
+
+
+def load_processor(path: str | Path, family_source=None):
+    """The model's full processor (image processor + tokenizer). Without torchvision ``AutoProcessor``
+    fails or returns only the tokenizer for LLaVA-OneVision and Qwen2-VL: the processor is then rebuilt
+    through the family table; an error only when that is impossible too. ``family_source`` (a model
+    config or folder) names the family when ``path`` holds no config.json (a LoRA adapter folder)."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(str(path))
-    except OSError as err:
-        raise ModelNotAvailable(f"cannot load the processor of {path}: {err}") from None
-    if not _is_processor_complete(processor):
-        raise ModelNotAvailable(
-            f"AutoProcessor for {path} returned only a {type(processor).__name__}, no image processor: "
-            "LLaVA-OneVision and Qwen2-VL processors need torchvision (GPU installs have it)")
+        processor, why = AutoProcessor.from_pretrained(str(path)), None
+    except (OSError, ValueError, ImportError) as err:
+        processor, why = None, f"{type(err).__name__}: {err}"
+    if processor is None or not _is_processor_complete(processor):
+        why = why or f"AutoProcessor returned only a {type(processor).__name__}, no image processor"
+        try:
+            processor = _rebuild_processor(path, family_source)
+        except Exception as err:  # noqa: BLE001 - both reasons go into one actionable message
+            raise ModelNotAvailable(
+                f"cannot load the processor of {path}: {why}; rebuilding it from the model family failed too "
+                f"({type(err).__name__}: {err}). A GPU install with torchvision loads every processor"
+            ) from None
+        log.info("rebuilt the %s processor of %s around the PIL image processor (%s)",
+                 type(processor).__name__, path, why)
     tok = processor.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -89,12 +135,26 @@ def load_processor(path: str | Path):
     return processor
 
 
+def resolve_dtype(dtype: str, device: str | None = None) -> str:
+    """The concrete weights dtype for ``policy.dtype``: ``auto`` is bfloat16 on a CUDA device that
+    supports it, float32 otherwise (CPU); any other value is returned as is. The one place ``auto``
+    is resolved: the owner calls it when it writes a job's config.json."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    device = device or default_device()
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_model(path: str | Path, dtype: str = "float32", device: str | None = None):
     import torch
     from transformers import AutoModelForImageTextToText
 
     try:
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=getattr(torch, dtype))
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path), dtype=getattr(torch, resolve_dtype(dtype, device)))
     except OSError as err:
         raise ModelNotAvailable(f"cannot load model {path}: {err}") from None
     if device:
@@ -104,12 +164,18 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | None = No
 
 
 def materialize(name: str, dest: Path) -> Path:
-    """The folder to load for a base model name; builds ``tiny``/``demo`` into ``dest`` once."""
+    """The folder to load for a base model name; builds ``tiny``/``demo``/``tiny-*`` into ``dest`` once."""
     if name == "tiny":
         if not (dest / "config.json").is_file():
             from backend.tiny import build_tiny
 
             build_tiny(dest)
+        return dest
+    if name in TINY_FAMILIES:
+        if not (dest / "config.json").is_file():
+            from backend import tiny_families
+
+            tiny_families.build(name, dest)
         return dest
     if name == "demo":
         from backend import demo_model

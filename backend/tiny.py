@@ -43,7 +43,11 @@ one two three four five six seven eight nine ten left right top bottom small lar
 """
 
 
-def build_tokenizer():
+def train_tokenizer(special_tokens: list[str], *, eos: str, pad: str, chat_template: str,
+                    bos: str | None = None, extra_special_tokens: dict[str, str] | None = None):
+    """A byte-level BPE tokenizer trained offline on the built-in corpus (600 tokens), with
+    ``special_tokens`` first in the vocabulary, left padding and ``chat_template``. Shared by every tiny
+    build (``backend.tiny_families`` too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,17 +55,22 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=600, special_tokens=special_tokens, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<pad>",
-        unk_token=None, extra_special_tokens={"image_token": IMAGE_TOKEN},
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+        unk_token=None, extra_special_tokens=extra_special_tokens or {},
     )
     fast.padding_side = "left"
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
+
+
+def build_tokenizer():
+    return train_tokenizer(SPECIAL_TOKENS, eos="<|im_end|>", pad="<pad>", chat_template=CHAT_TEMPLATE,
+                           extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
 def build_processor():
@@ -97,24 +106,33 @@ def build_model(tokenizer, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    quiet_generation(model, tokenizer, SPECIAL_TOKENS)
+    return model
+
+
+def quiet_generation(model, tokenizer, special_tokens: list[str]) -> None:
+    """Set eos/pad in the generation config and suppress special and blank tokens: a random model
+    otherwise often emits only special or whitespace tokens (empty answers once decoded, which would
+    make every greedy SeVa view answer equal)."""
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    # A random model otherwise often emits only special or whitespace tokens (empty answers once
-    # decoded, which would make every greedy SeVa view answer equal).
-    suppress = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t != tokenizer.eos_token]
+    suppress = [tokenizer.convert_tokens_to_ids(t) for t in special_tokens if t != tokenizer.eos_token]
     suppress += [i for i in range(len(tokenizer)) if i not in suppress and i != tokenizer.eos_token_id
                  and not tokenizer.decode([i]).strip()]
     model.generation_config.suppress_tokens = suppress
-    return model
+
+
+def save_build(out_dir: str | Path, name: str, seed: int, model, processor) -> Path:
+    """Save a tiny build's model + processor to ``out_dir`` with its ``prefloop_model.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "prefloop_model.json").write_text(json.dumps({"name": name, "seed": seed}))
+    return out
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny VLM and save model + processor to ``out_dir`` (loadable with from_pretrained)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
-    model = build_model(processor.tokenizer, seed=seed)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "prefloop_model.json").write_text(json.dumps({"name": "tiny", "seed": seed}))
-    return out
+    return save_build(out_dir, "tiny", seed, build_model(processor.tokenizer, seed=seed), processor)

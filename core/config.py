@@ -35,11 +35,13 @@ def _registered(kind: str, registry: dict[str, str], value: str | list[str] | No
 
 class PolicyConfig(_Section):
     model: str = "tiny"
-    """Base policy model: `tiny`, `demo`, a Hugging Face hub id, or a local folder."""
+    """Base policy model: `tiny`, `demo`, a tiny family build (`tiny-llava-onevision`, `tiny-qwen2-vl`,
+    `tiny-idefics3`), a Hugging Face hub id, or a local folder."""
     engine: Literal["hf", "vllm"] = "hf"
     """Generation engine: `hf` (transformers generate, CPU or GPU) or `vllm` (GPU extra)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for generation and training; bf16/fp16 need a GPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for generation, training and the critic (hf and vllm): `auto` is bfloat16 on a CUDA GPU
+    that supports it and float32 on CPU; bf16/fp16 need a GPU. Each job's config.json holds the resolved one."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor parallelism (GPUs per generation job)."""
 
@@ -57,8 +59,9 @@ class GenerationConfig(_Section):
     """Base seed; each prompt's seed is derived from it and the prompt id."""
     batch_size: int = Field(8, ge=1)
     """Prompts per generate() call (each expands to k sequences)."""
-    views: list[str] = ["original"]
-    """Views to answer: `original` plus SeVa views such as `aug:diffusion:500` or `aug:flip`."""
+    views: list[str] = ["original", "aug:diffusion:500"]
+    """Views to answer: `original` plus SeVa views such as `aug:diffusion:500` or `aug:flip` (the default
+    pair strategy `seva` pairs the original view's answer against each augmented view's)."""
 
 
 class PairsConfig(_Section):
@@ -93,10 +96,11 @@ class TrainConfig(_Section):
     """LoRA alpha."""
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """LoRA dropout."""
-    lora_target: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    """Regex over module names that get LoRA adapters (leave the vision tower out by default)."""
+    lora_target: str = "auto"
+    """Regex over module names that get LoRA adapters; `auto`: the model family's attention and MLP layers
+    of the language model (never the vision tower; see backend/families.py)."""
     train_projector: bool = True
-    """Also train the multimodal projector in full (peft modules_to_save)."""
+    """Also train the multimodal projector in full (peft modules_to_save; the family's projector module)."""
     loss: list[str] = ["sigmoid"]
     """DPO loss types: sigmoid, ipo, hinge, robust, sft (several are summed with `loss_weights`)."""
     loss_weights: list[float] | None = None
@@ -163,7 +167,8 @@ class GeminiConfig(_Section):
 
 class CriticConfig(_Section):
     model: str = "tiny"
-    """Critic VLM: `tiny`, `demo`, a hub id or a local folder (e.g. a -hf conversion of LLaVA-Critic)."""
+    """Critic VLM: `tiny`, `demo`, a tiny family build, a hub id or a local folder (e.g. a -hf conversion of
+    LLaVA-Critic). Its weights dtype is policy.dtype's."""
     mode: Literal["rubric", "pointwise", "pairwise"] = "pointwise"
     """rubric: five 0-4 metrics; pointwise: 0-100 score; pairwise: all ordered pairs."""
     engine: Literal["hf", "vllm"] = "hf"

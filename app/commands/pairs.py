@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     src = ", ".join(f"{k} {v}" for k, v in sorted(s["by_source"].items())) or "none"
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s["skipped"].items())) or "none"
     print(f"round {s['round_id']}: {s['pairs']} pairs ({s['strategy']}; by source: {src}); skipped prompts: {skipped}")
+    if s["skipped"] or not s["pairs"]:
+        print(s["message"])
     if s["needs_admin"]:
         print(f"annotators tied on {len(s['needs_admin'])} prompts (dropped until an admin decides): "
               + ", ".join(s["needs_admin"][:20]))

@@ -21,6 +21,7 @@ from core.errors import ConfigError, UsageError
 CONFIG = "config.json"
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+"""A resolved weights dtype: the owner turns policy.dtype `auto` into one (backend.models.resolve_dtype)."""
 
 
 class _JobConfig(BaseModel):
@@ -41,8 +42,8 @@ class GenerateJobConfig(_JobConfig):
     checkpoint_id: str
     """Policy checkpoint id recorded with each candidate."""
     policy: PolicyConfig
-    """The workspace's ``[policy]``: ``model`` is the name recorded with each candidate; engine, dtype,
-    tensor_parallel_size."""
+    """The workspace's ``[policy]``: ``model`` is the name recorded with each candidate; engine, dtype (resolved:
+    never `auto`), tensor_parallel_size."""
     generation: GenerationConfig
     """The workspace's ``[generation]`` with the command's overrides: k, sampling, seed, batch size, views."""
 
@@ -55,7 +56,7 @@ class CriticJobConfig(_JobConfig):
     device: str = "cpu"
     """Torch device for the hf engine."""
     dtype: Dtype = "float32"
-    """Weights dtype (the workspace's policy.dtype)."""
+    """Weights dtype (the workspace's policy.dtype, resolved)."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vllm: GPUs per job (the workspace's policy.tensor_parallel_size)."""
     batch_size: int = Field(8, ge=1)
@@ -88,7 +89,7 @@ class TrainJobConfig(_JobConfig):
     device: Literal["cpu", "cuda"] = "cpu"
     """Torch device of a single-process job."""
     dtype: Dtype = "float32"
-    """Weights dtype (the workspace's policy.dtype)."""
+    """Weights dtype (the workspace's policy.dtype, resolved)."""
     max_steps: int = -1
     """Stop after this many optimizer steps (tests, smoke runs); -1 runs `epochs` in full."""
     ref_cache_dir: str | None = None

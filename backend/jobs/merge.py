@@ -36,7 +36,7 @@ def merge(adapter_dir: Path, base: str, out: Path, dtype: str = "float32") -> Pa
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     has_processor = any((adapter_dir / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
-    load_processor(adapter_dir if has_processor else base).save_pretrained(out)
+    load_processor(adapter_dir if has_processor else base, family_source=merged.config).save_pretrained(out)
     meta_file = adapter_dir / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     meta.update({"kind": "merged", "merged_base": str(base), "merged_adapter": str(adapter_dir)})

@@ -6,7 +6,8 @@ A recipe file (``backend/recipes/NAME.toml``, run with ``prefloop round start --
   (GPU memory, an API key's environment variable), its default number of rounds, and the model names
   a real run must set in ``prefloop.toml``;
 - every other table: overrides of ``WorkspaceConfig`` sections (``[generation]``, ``[pairs]``, ...);
-- ``[tiny]``: further overrides applied only when the workspace's policy model is ``tiny`` (smaller
+- ``[tiny]``: further overrides applied only when the workspace's policy model is ``tiny`` or one of
+  the tiny family builds (``tiny-qwen2-vl``, ...) (smaller
   LoRA ranks, short answers, one local process), so every recipe also runs end to end on this machine.
 
 The registry is the folder: ``RECIPES`` maps each ``*.toml`` stem to its file. Files are validated
@@ -24,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from backend.models import BUILTIN, TINY_FAMILIES
 from core import config as cfgmod
 from core.errors import ConfigError, UsageError
 
@@ -31,7 +33,9 @@ RECIPE_DIR = Path(__file__).resolve().parent
 META_TABLE = "recipe"
 TINY_TABLE = "tiny"
 TINY_MODEL = "tiny"
-BUILTIN_MODELS = ("tiny", "demo")
+TINY_MODELS = (TINY_MODEL, *TINY_FAMILIES)
+"""Policy models that get a recipe's ``[tiny]`` overrides."""
+BUILTIN_MODELS = BUILTIN
 
 RECIPES: dict[str, Path] = {p.stem: p for p in sorted(RECIPE_DIR.glob("*.toml"))}
 """name -> recipe file (every TOML file in this folder)."""
@@ -84,8 +88,8 @@ class Recipe:
         return self.meta.name if self.meta else self.path.stem
 
     def overrides_for(self, policy_model: str) -> dict[str, Any]:
-        """The overrides for a workspace whose policy model is ``policy_model`` (``[tiny]`` on tiny)."""
-        return merge(self.overrides, self.tiny) if policy_model == TINY_MODEL else dict(self.overrides)
+        """The overrides for a workspace whose policy model is ``policy_model`` (``[tiny]`` on tiny builds)."""
+        return merge(self.overrides, self.tiny) if policy_model in TINY_MODELS else dict(self.overrides)
 
     def resolve(self, base: cfgmod.WorkspaceConfig) -> dict[str, Any]:
         """The overrides for the workspace config ``base``, checked: the result validates, and on a real

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from backend.job_runner import CancelCheck, EventHandler, Job, python_module, write_config
 from backend.jobs.configs import GenerateJobConfig
-from backend.models import default_device
+from backend.models import default_device, resolve_dtype
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from core import config as cfgmod
 from storage import generation, review_queue, rounds
@@ -43,9 +43,11 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
     run_dir = step_dir(ws, round_id, step)
     pq.write_table(pa.Table.from_pylist(todo), run_dir / "prompts.parquet")
     (run_dir / "candidates.parquet").unlink(missing_ok=True)
+    device = default_device()
+    policy = ws.config.policy.model_copy(update={"dtype": resolve_dtype(ws.config.policy.dtype, device)})
     config = GenerateJobConfig(model_path=str(checkpoint_path(ws, ckpt_id)), adapter_path=None,
-                               device=default_device(), round_id=round_id, checkpoint_id=ckpt_id,
-                               policy=ws.config.policy, generation=gen)
+                               device=device, round_id=round_id, checkpoint_id=ckpt_id,
+                               policy=policy, generation=gen)
     write_config(run_dir, config.model_dump())
     with tracked_step(ws, round_id, step, run_dir):
         result = Job(python_module("backend.jobs.generate", str(run_dir)), run_dir, on_event=on_event,

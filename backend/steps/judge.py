@@ -110,8 +110,9 @@ def critic_job_runner(root: Path, config: WorkspaceConfig, judge_version: str, r
         (run_dir / critic_job.OUTPUT).unlink(missing_ok=True)
         pq.write_table(pa.Table.from_pylist([{"request_id": r.request_id, "image_path": r.image_path,
                                               "text": r.text} for r in requests]), run_dir / critic_job.REQUESTS)
+        device = models.default_device()
         job = CriticJobConfig(model_path=critic_model_path(root, config.judges.critic.model),
-                              device=models.default_device(), dtype=config.policy.dtype,
+                              device=device, dtype=models.resolve_dtype(config.policy.dtype, device),
                               tensor_parallel_size=config.policy.tensor_parallel_size,
                               batch_size=config.generation.batch_size, judge_version=judge_version,
                               critic=config.judges.critic)

@@ -32,6 +32,38 @@ def load_items(ws: Workspace, round_id: int) -> list[PromptItem]:
     return [PromptItem(pid, tuple(cs), tuple(labels.get(pid, ()))) for pid, cs in sorted(cands.items())]
 
 
+SKIP_ADVICE: dict[str, str] = {
+    "no_augmented_view": "no answer on an augmented view: add a SeVa view to generation.views (e.g. "
+                         "`aug:diffusion:500`, SeVa's) and generate again, or choose another pairs.strategy",
+    "no_original_view": "no answer on the `original` view: add `original` to generation.views",
+    "equal_answers": "the original and augmented answers were equal: a stronger view "
+                     "(e.g. `aug:diffusion:800`) or a higher generation.temperature",
+    "fewer_than_two_scored": "fewer than two candidates scored by pairs.judge: run `prefloop judge` with it, "
+                             "or raise generation.k",
+    "tie": "every candidate scored the same: another pairs.judge or pairs.score",
+    "below_margin": "no candidate far enough below: lower pairs.min_margin",
+    "no_label": "pairs.strategy human-only needs labels: review in the studio, or choose another "
+                "pairs.strategy",
+    "all_bad": "the annotators marked every answer bad",
+    "label_names_unknown_candidate": "a label names a candidate that is not in this round",
+    "annotator_tie": "annotators tied: an admin decides in the studio",
+}
+"""skip reason (backend.pairs) -> what it means and which setting changes it."""
+
+
+def explain(pairs: int, prompts: int, strategy: str, skipped: dict[str, int], round_id: int) -> str:
+    """One message: how many pairs were made and why the other prompts gave none."""
+    if prompts == 0:
+        return (f"round {round_id}: 0 pairs: the round has no candidates; run `prefloop generate` first "
+                "(or import candidates with preferences)")
+    head = f"round {round_id}: {pairs} pairs from {prompts} prompts ({strategy})"
+    if not skipped:
+        return head
+    why = "; ".join(f"{n} prompt(s) {reason}: {SKIP_ADVICE.get(reason, reason)}"
+                    for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return f"{head}; no pairs from {sum(skipped.values())} prompt(s): {why}"
+
+
 def run_pairs(ws: Workspace, *, strategy: str | None = None, judge: str | None = None,
               min_margin: float | None = None, seed: int | None = None) -> dict:
     """Build the current round's draft pairs (replacing earlier drafts); frozen pairs never change."""
@@ -45,11 +77,13 @@ def run_pairs(ws: Workspace, *, strategy: str | None = None, judge: str | None =
                        min_margin=cfg.min_margin if min_margin is None else min_margin,
                        seed=cfg.seed if seed is None else seed)
     name = strategy or cfg.strategy
+    items = load_items(ws, round_id)
     try:
-        result = build_pairs(load_items(ws, round_id), name, opts)
+        result = build_pairs(items, name, opts)
     except ValueError as err:
         raise UsageError(str(err)) from None
     rows = [{**asdict(p), "round_id": round_id} for p in result.pairs]
     pairstore.replace_draft_pairs(cur, round_id, rows)
     return {"round_id": round_id, "strategy": name, "pairs": len(rows), "by_source": dict(result.by_source),
-            "skipped": dict(result.skipped), "needs_admin": result.needs_admin}
+            "skipped": dict(result.skipped), "needs_admin": result.needs_admin,
+            "message": explain(len(rows), len(items), name, dict(result.skipped), round_id)}

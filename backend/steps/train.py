@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from backend import launch
 from backend.job_runner import CancelCheck, EventHandler, Job, write_config
 from backend.jobs.configs import TrainJobConfig
-from backend.models import default_device
+from backend.models import default_device, resolve_dtype
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from core import config as cfgmod
 from core.errors import UsageError
@@ -51,11 +51,12 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
         shutil.rmtree(out_dir)
     ref_id = parent_id if train.reference == "previous" else rounds.BASE_CHECKPOINT
     base = rounds.get_checkpoint(cur, rounds.BASE_CHECKPOINT)
+    device = default_device()
     config = TrainJobConfig(
         model_path=str(checkpoint_path(ws, parent_id)), ref_model_path=str(checkpoint_path(ws, ref_id)),
         output_dir=str(out_dir), round_id=round_id, checkpoint_id=checkpoint_id, parent_id=parent_id,
-        base_model=base["base_model"], pairs_hash=pairs_hash(rows), device=default_device(),
-        dtype=ws.config.policy.dtype, train=train,
+        base_model=base["base_model"], pairs_hash=pairs_hash(rows), device=device,
+        dtype=resolve_dtype(ws.config.policy.dtype, device), train=train,
         # beside the run folder, which every attempt recreates: a retry reuses the reference log-probs
         ref_cache_dir=str(ws.lay.round_dir(round_id) / "ref_cache"))
     write_config(run_dir, config.model_dump())
