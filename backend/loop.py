@@ -295,6 +295,14 @@ def resume_round(ws: Workspace) -> RoundRun:
     return RoundRun(ws, "round.resume", r["round_id"], max(saved.get("loop", {}).get("remaining", 1), 1))
 
 
+def plan_round(ws: Workspace, args) -> RoundRun:
+    """``prefloop round start|resume`` as parsed (``args.action``, and start's ``rounds``, ``recipe``,
+    ``config``), from the terminal or forwarded to the app; raises NothingToResume."""
+    if args.action == "start":
+        return start_round(ws, args.rounds, recipe=args.recipe, config=args.config)
+    return resume_round(ws)
+
+
 def load_overrides(recipe: str | None, config: Path | None, base: cfgmod.WorkspaceConfig | None = None) -> dict:
     """The config overrides of a packaged recipe (by name) or of an override file (``--config``).
 

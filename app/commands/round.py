@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "status":
             return _status(ws, args.json)
         try:
-            plan = (loop.start_round(ws, args.rounds, recipe=args.recipe, config=args.config)
-                    if args.action == "start" else loop.resume_round(ws))
+            plan = loop.plan_round(ws, args)
         except loop.NothingToResume as nothing:
             print(nothing)
             return 0

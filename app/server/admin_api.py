@@ -235,8 +235,7 @@ class AdminAPI:
         if args.action not in ("start", "resume"):
             return None
         try:
-            plan = (loop.start_round(ws, args.rounds, recipe=args.recipe, config=args.config)
-                    if args.action == "start" else loop.resume_round(ws))
+            plan = loop.plan_round(ws, args)
         except loop.NothingToResume as nothing:
             print(nothing)
             return 0

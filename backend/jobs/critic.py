@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,8 +22,9 @@ import pyarrow.parquet as pq
 
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, make_engine
+from backend.jobs.common import read_input, run_main
 from backend.jobs.configs import CriticJobConfig, load_job_config
-from core.errors import PrefloopError, UsageError
+from core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,7 @@ SCHEMA = pa.schema([("request_id", pa.string()), ("text", pa.string()), ("num_to
 
 
 def load_requests(run_dir: Path) -> list[dict]:
-    path = run_dir / REQUESTS
-    if not path.is_file():
-        raise UsageError(f"{run_dir} has no {REQUESTS}; the owner writes it before starting the job")
-    table = pq.read_table(path)
-    missing = [c for c in REQUEST_COLUMNS if c not in table.column_names]
-    if missing:
-        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(REQUEST_COLUMNS)})")
-    rows = table.select(list(REQUEST_COLUMNS)).to_pylist()
+    rows = read_input(run_dir / REQUESTS, REQUEST_COLUMNS)
     absent = sorted({r["image_path"] for r in rows if not Path(r["image_path"]).is_file()})
     if absent:
         raise UsageError(f"{len(absent)} image(s) not found, e.g. {absent[0]} "
@@ -131,13 +123,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except PrefloopError as err:
-        job.emit("error", message=str(err))
-        sys.exit(1)
-    except Exception as err:  # noqa: BLE001 - the owner must get one line it can show
-        traceback.print_exc(file=sys.stderr)
-        job.emit("error", message=f"critic job failed: {type(err).__name__}: {err} (traceback on stderr)")
-        sys.exit(1)
+    run_main(main, "critic job")

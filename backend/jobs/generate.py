@@ -16,9 +16,7 @@ import hashlib
 import io
 import json
 import logging
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,8 +25,9 @@ import pyarrow.parquet as pq
 from annotators.seva import View, apply_view, parse_view
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, derive_seed, make_engine
+from backend.jobs.common import read_input, run_main
 from backend.jobs.configs import GenerateJobConfig, load_job_config
-from core.errors import PrefloopError, UsageError
+from core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +50,7 @@ def candidate_id(round_id: int, checkpoint_id: str, prompt_id: str, view: str, s
 
 
 def load_prompts(run_dir: Path) -> list[dict]:
-    path = run_dir / PROMPTS
-    if not path.is_file():
-        raise UsageError(f"{run_dir} has no {PROMPTS}; the owner writes it before starting the job")
-    table = pq.read_table(path)
-    missing = [c for c in PROMPT_COLUMNS if c not in table.column_names]
-    if missing:
-        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(PROMPT_COLUMNS)})")
-    return table.select(list(PROMPT_COLUMNS)).to_pylist()
+    return read_input(run_dir / PROMPTS, PROMPT_COLUMNS)
 
 
 def check_images(rows: list[dict]) -> None:
@@ -165,13 +157,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except PrefloopError as err:
-        job.emit("error", message=str(err))
-        sys.exit(1)
-    except Exception as err:  # noqa: BLE001 - the owner must get one line it can show
-        traceback.print_exc(file=sys.stderr)
-        job.emit("error", message=f"generation failed: {type(err).__name__}: {err} (traceback on stderr)")
-        sys.exit(1)
+    run_main(main, "generation")

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 
 from backend import dpo, ref_cache
+from backend.jobs.common import read_input
 from backend.jobs.configs import TrainJobConfig, load_job_config
 from backend.progress import emit, parse_line, write_atomic
 from backend.progress import log as log_event
@@ -54,15 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def read_pairs(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise JobFailed(f"{path} is missing: the owner writes the round's frozen pairs there")
-    table = pq.read_table(path)
-    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
-    if missing:
-        raise JobFailed(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(PAIR_COLUMNS)}")
-    return table.select(list(PAIR_COLUMNS)).to_pylist()
+    """The round's frozen pairs, written by the owner."""
+    return read_input(path, PAIR_COLUMNS, error=JobFailed)
 
 
 def library_versions() -> dict[str, str | None]:
