@@ -50,8 +50,9 @@ class Family:
     lora_target: str
     """Default LoRA target regex (``train.lora_target = "auto"``): the language model's attention and MLP."""
     vllm_placeholder: str
-    """Image placeholder in a vLLM text prompt. From vLLM's examples/offline_inference/vision_language.py
-    as remembered (NOT checked against the vLLM source here); the chat templates agree."""
+    """Image placeholder in a vLLM text prompt, once per image (vLLM expands it). The vllm engine checks
+    every prompt rendered by the model's chat template against it; tests/test_vllm_requests.py checks
+    it against each tiny family's HF rendering. vLLM's own expansion is NOT checked here (no vLLM)."""
     resolution_keys: tuple[str, ...]
     """Image-processor settings that cap an image's token count (for a token budget step)."""
     resolution_note: str

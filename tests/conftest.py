@@ -35,6 +35,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict:
+    """Each tiny real-family build (backend.tiny_families.BUILDERS) built once per session, through
+    backend.models.materialize."""
+    from backend import models
+    from backend.tiny_families import BUILDERS
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: models.materialize(name, root / name) for name in BUILDERS}
+
+
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir):
     """A fresh, open workspace on the tiny model (c0 pre-built from the session's tiny folder)."""

@@ -17,13 +17,6 @@ from tests.helpers import make_pairs, make_run, of, run_job
 NAMES = list(BUILDERS)
 
 
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory) -> dict:
-    """Each tiny family built once per session, through backend.models.materialize."""
-    root = tmp_path_factory.mktemp("families")
-    return {name: models.materialize(name, root / name) for name in NAMES}
-
-
 @pytest.fixture(scope="module")
 def photo():
     from app.demo_content import image

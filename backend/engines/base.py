@@ -122,11 +122,22 @@ class EngineSpec:
     """Engine-specific options (vllm: more ``LLM(...)`` keywords, e.g. gpu_memory_utilization)."""
 
 
+Group = tuple[list[GenRequest], SamplingSpec]
+"""Requests that share one sampling (a view of the generate step)."""
+
+
 class Engine(Protocol):
     name: str
+    requests_per_call: int | None
+    """How many requests a caller should hand over per call: the hf engine's batch size, or None (vllm:
+    the whole step at once, vLLM schedules its own batches)."""
 
     def generate(self, requests: list[GenRequest], params: SamplingSpec) -> list[list[GenOutput]]:
         """k outputs (``params.n``) for each request, same order as ``requests``."""
+        ...
+
+    def generate_many(self, groups: list[Group]) -> list[list[list[GenOutput]]]:
+        """``generate`` of each group (each with its own sampling), in order: vllm runs them in one call."""
         ...
 
     def close(self) -> None:

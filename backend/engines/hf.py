@@ -15,6 +15,7 @@ from backend.engines.base import (
     EngineSpec,
     GenOutput,
     GenRequest,
+    Group,
     SamplingSpec,
     batches,
     build_messages,
@@ -35,6 +36,7 @@ class HFEngine:
 
         self.spec = spec
         self.batch_size = spec.batch_size
+        self.requests_per_call = spec.batch_size
         self.processor = processor if processor is not None else load_processor(spec.model_path)
         self.model = model if model is not None else load_model(spec.model_path, spec.dtype, spec.device)
         if spec.adapter_path and model is None:
@@ -52,6 +54,9 @@ class HFEngine:
             seeds = [request_seed(r, params, start + i) for i, r in enumerate(chunk)]
             results.extend(self._generate_batch(chunk, params, derive_seed("batch", *seeds)))
         return results
+
+    def generate_many(self, groups: list[Group]) -> list[list[list[GenOutput]]]:
+        return [self.generate(requests, params) for requests, params in groups]
 
     def _generate_batch(self, chunk: list[GenRequest], params: SamplingSpec, seed: int) -> list[list[GenOutput]]:
         texts = [self.processor.apply_chat_template(build_messages(r), add_generation_prompt=True) for r in chunk]

@@ -1,8 +1,11 @@
 """The ``vllm`` engine (GPU extra): ``SamplingParams(n=k, ...)`` per request, LoRA via ``LoRARequest``.
 
-vllm is imported only when the engine is built, never at module import. Everything the engine sends
-to vllm is built by the pure functions below, so tests check it without vllm installed.
-Status: not yet run on a GPU.
+A step's requests (every view) go to ONE ``LLM.generate`` call: vLLM schedules its own batches. Each
+prompt is the model's own chat template rendered by its processor (loaded alone, never the weights),
+with one unexpanded image placeholder per image (vLLM expands it); the placeholder is checked against
+the family table (``backend.families``). vllm is imported only when the engine is built, never at module
+import. Everything the engine sends to vllm is built by the pure functions below, so tests check it
+without vllm installed. Status: not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -12,8 +15,16 @@ import json
 import logging
 from pathlib import Path
 
-from backend.engines.base import EngineSpec, GenOutput, GenRequest, SamplingSpec, build_messages, request_seed
-from core.errors import ModelNotAvailable
+from backend.engines.base import (
+    EngineSpec,
+    GenOutput,
+    GenRequest,
+    Group,
+    SamplingSpec,
+    build_messages,
+    request_seed,
+)
+from core.errors import ModelNotAvailable, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,51 @@ def build_vllm_requests(requests: list[GenRequest], apply_chat_template) -> list
             prompt["multi_modal_data"] = {"image": r.image}
         prompts.append(prompt)
     return prompts
+
+
+def count_images(messages: list[dict]) -> int:
+    """Image parts in a chat (``{"type": "image"}`` items of list contents)."""
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
+def check_placeholders(prompts: list[dict], requests: list[GenRequest], placeholder: str, family: str) -> None:
+    """Each prompt holds the family's vLLM image placeholder once per image of its chat (vLLM expands it;
+    a different or missing placeholder would reach the model as plain text)."""
+    for prompt, request in zip(prompts, requests):
+        want, found = count_images(build_messages(request)), prompt["prompt"].count(placeholder)
+        if found != want:
+            raise UsageError(
+                f"request {request.request_id or '?'}: the chat template of this {family} model wrote the image "
+                f"placeholder {placeholder!r} {found} time(s) for {want} image(s); vLLM needs it once per image. "
+                f"Check the model's chat_template, or the family's vllm_placeholder in backend/families.py")
+
+
+def build_step(groups: list[Group], apply_chat_template, placeholder: tuple[str, str] | None = None):
+    """One ``LLM.generate`` call for a whole step: the prompt dicts of every group, in order, and the
+    ``SamplingParams`` keyword arguments of each (the group's sampling, the request's seed).
+    ``placeholder`` is (family vllm_placeholder, family title) to check, or None (family unknown)."""
+    prompts, sampling = [], []
+    for requests, params in groups:
+        group_prompts = build_vllm_requests(requests, apply_chat_template)
+        if placeholder is not None:
+            check_placeholders(group_prompts, requests, *placeholder)
+        prompts.extend(group_prompts)
+        sampling.extend(build_sampling_params_kwargs(params, request_seed(r, params, i))
+                        for i, r in enumerate(requests))
+    return prompts, sampling
+
+
+def split_outputs(outputs: list, groups: list[Group]) -> list[list]:
+    """The outputs of one call cut back into the groups' sizes."""
+    if len(outputs) != sum(len(requests) for requests, _ in groups):
+        raise RuntimeError(f"vllm returned {len(outputs)} outputs for "
+                           f"{sum(len(r) for r, _ in groups)} prompts")
+    result, start = [], 0
+    for requests, _ in groups:
+        result.append(outputs[start:start + len(requests)])
+        start += len(requests)
+    return result
 
 
 def build_lora_request_args(adapter_path: str | None) -> tuple[str, int, str] | None:
@@ -93,6 +149,7 @@ def require_vllm():
 
 class VLLMEngine:
     name = "vllm"
+    requests_per_call = None  # the whole step: vLLM schedules its own batches
 
     def __init__(self, spec: EngineSpec):
         vllm = require_vllm()
@@ -101,6 +158,7 @@ class VLLMEngine:
         self.spec = spec
         self._vllm = vllm
         self.processor = load_processor(spec.model_path)
+        self.placeholder = _family_placeholder(spec.model_path)
         self.llm = vllm.LLM(**build_llm_kwargs(spec))
         args = build_lora_request_args(spec.adapter_path)
         if args:
@@ -111,11 +169,28 @@ class VLLMEngine:
             self.lora = None
 
     def generate(self, requests: list[GenRequest], params: SamplingSpec) -> list[list[GenOutput]]:
-        prompts = build_vllm_requests(requests, self.processor.apply_chat_template)
-        sampling = [self._vllm.SamplingParams(**build_sampling_params_kwargs(params, request_seed(r, params, i)))
-                    for i, r in enumerate(requests)]
+        return self.generate_many([(requests, params)])[0]
+
+    def generate_many(self, groups: list[Group]) -> list[list[list[GenOutput]]]:
+        prompts, kwargs = build_step(groups, self.processor.apply_chat_template, self.placeholder)
+        if not prompts:
+            return [[] for _ in groups]
+        sampling = [self._vllm.SamplingParams(**kw) for kw in kwargs]
         outs = self.llm.generate(prompts, sampling_params=sampling, lora_request=self.lora, use_tqdm=False)
-        return parse_request_outputs(outs)
+        return split_outputs(parse_request_outputs(outs), groups)
 
     def close(self) -> None:
         self.llm = None
+
+
+def _family_placeholder(model_path: str) -> tuple[str, str] | None:
+    """(vllm_placeholder, title) of the model's family; None when the family is unknown here (a hub id
+    not in the local cache, a model_type outside the table): the prompts are then sent unchecked."""
+    from backend.families import family_of
+
+    try:
+        family = family_of(model_path)
+    except UsageError as err:
+        log.warning("not checking the vLLM image placeholder: %s", err)
+        return None
+    return family.vllm_placeholder, family.title

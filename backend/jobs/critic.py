@@ -93,8 +93,9 @@ def main(argv: list[str]) -> int:
     out: list[dict] = []
     tokens, seconds = 0, 0.0
     job.progress(0, len(rows), unit="requests")
-    for start in range(0, len(rows), cfg.batch_size):
-        batch = rows[start:start + cfg.batch_size]
+    size = engine.requests_per_call or max(len(rows), 1)  # vllm: every request in one call
+    for start in range(0, len(rows), size):
+        batch = rows[start:start + size]
         requests = [GenRequest(question=r["text"], image=images.get(r["image_path"]), request_id=r["request_id"])
                     for r in batch]
         t = time.perf_counter()

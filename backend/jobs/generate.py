@@ -84,6 +84,14 @@ def view_requests(rows: list[dict], view: View, base_seed: int):
     return requests, records
 
 
+def engine_calls(rows: list[dict], views: list[View], size: int | None) -> list[list[tuple[View, list[dict]]]]:
+    """The engine calls of the step, each a list of (view, prompt rows) groups: ``size`` rows of one view
+    per call (the hf engine's batch), or every view's rows in one call when ``size`` is None (vllm)."""
+    if size is None:
+        return [[(view, rows) for view in views]]
+    return [[(view, rows[start:start + size])] for view in views for start in range(0, len(rows), size)]
+
+
 def to_parquet_bytes(rows: list[dict]) -> bytes:
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink)
@@ -115,18 +123,17 @@ def main(argv: list[str]) -> int:
     out_rows: list[dict] = []
     total, done, tokens, gen_seconds = len(rows) * len(views), 0, 0, 0.0
     job.progress(0, total, unit="prompts")
-    for view in views:
-        params = policy if view.is_original else greedy
-        origin = "policy" if view.is_original else "seva_augmented"
-        sampling = json.dumps(params.record())
-        for start in range(0, len(rows), gen.batch_size):
-            batch = rows[start:start + gen.batch_size]
-            requests, records = view_requests(batch, view, gen.seed)
-            t = time.perf_counter()
-            outputs = engine.generate(requests, params)
-            seconds = time.perf_counter() - t
-            n_tokens = sum(o.num_tokens for outs in outputs for o in outs)
-            tokens, gen_seconds = tokens + n_tokens, gen_seconds + seconds
+    for call in engine_calls(rows, views, engine.requests_per_call):
+        built = [(view, batch, *view_requests(batch, view, gen.seed)) for view, batch in call]
+        t = time.perf_counter()
+        results = engine.generate_many([(requests, policy if view.is_original else greedy)
+                                        for view, _, requests, _ in built])
+        seconds = time.perf_counter() - t
+        n_tokens = sum(o.num_tokens for outputs in results for outs in outputs for o in outs)
+        tokens, gen_seconds = tokens + n_tokens, gen_seconds + seconds
+        for (view, batch, requests, records), outputs in zip(built, results):
+            origin = "policy" if view.is_original else "seva_augmented"
+            sampling = json.dumps((policy if view.is_original else greedy).record())
             for row, req, record, outs in zip(batch, requests, records, outputs):
                 for i, o in enumerate(outs):
                     out_rows.append({
@@ -138,9 +145,9 @@ def main(argv: list[str]) -> int:
                         "sample_index": i, "num_tokens": o.num_tokens, "finish_reason": o.finish_reason,
                     })
             done += len(batch)
-            job.progress(done, total, unit="prompts")
-            job.log(f"{view.spec}: {len(batch)} prompts, {n_tokens} tokens in {seconds:.2f} s "
-                    f"({n_tokens / max(seconds, 1e-9):.0f} tokens/s)")
+        job.progress(done, total, unit="prompts")
+        job.log(f"{', '.join(view.spec for view, _ in call)}: {sum(len(b) for _, b in call)} prompts, "
+                f"{n_tokens} tokens in {seconds:.2f} s ({n_tokens / max(seconds, 1e-9):.0f} tokens/s)")
 
     # ---- save
     job.write_atomic(run_dir / OUTPUT, to_parquet_bytes(out_rows))
