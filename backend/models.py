@@ -196,3 +196,25 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() and os.environ.get("PREFLOOP_DEVICE", "") != "cpu" else "cpu"
+
+
+def torch_build() -> dict:
+    """Which torch build is installed (version, CUDA / ROCm or CPU), read from ``torch/version.py``
+    without importing torch (2 s): a CPU build satisfies the ``torch==2.13.0`` pin, and then neither vLLM
+    nor bf16 on a GPU can run, so ``prefloop status`` says which one a machine has."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return {"version": None, "build": "not installed", "cuda": None}
+    path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    values: dict = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and isinstance(getattr(node, "value", None), ast.Constant):
+            values[target.id] = node.value.value
+    cuda, rocm = values.get("cuda"), values.get("hip") or values.get("rocm")
+    build = f"CUDA {cuda}" if cuda else f"ROCm {rocm}" if rocm else "CPU"
+    return {"version": values.get("__version__"), "build": build, "cuda": cuda}
+

@@ -39,6 +39,20 @@ def test_init_creates_layout_and_valid_config(tmp_path):
     assert not (tmp_path / "w" / "owner.json").exists(), "owner info must be removed on a clean exit"
 
 
+def test_status_says_which_torch_build_is_installed(tmp_path):
+    import torch
+
+    assert run_cli("init", str(tmp_path / "w"), "--model", "tiny").returncode == 0
+    r = run_cli("status", "-w", str(tmp_path / "w"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)["torch"]
+    assert info["version"] == torch.__version__ and info["cuda"] == torch.version.cuda
+    assert info["build"] == (f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU")
+    text = run_cli("status", "-w", str(tmp_path / "w")).stdout
+    assert f"torch      {torch.__version__} {info['build']} build" in text
+    assert ("no GPU build" in text) == (torch.version.cuda is None)
+
+
 def test_config_error_names_key_and_allowed_values(tmp_path):
     ws = init_workspace(tmp_path / "w")
     ws.close()

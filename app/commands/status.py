@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from backend.models import torch_build
 from storage import rounds
 from storage.workspace import open_workspace
 
@@ -19,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
         info = {
             "workspace": str(ws.root),
             "policy_model": ws.config.policy.model,
+            "torch": torch_build(),
             "counts": rounds.table_counts(cur),
             "rounds": [{k: (str(v) if v is not None else None) for k, v in r.items() if k != "config"}
                        for r in rounds.list_rounds(cur)],
@@ -28,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"workspace  {info['workspace']}")
     print(f"model      {info['policy_model']}")
+    t = info["torch"]
+    gpu_note = "" if t["cuda"] else "  (no GPU build: the vllm engine and bf16 need a CUDA build of torch)"
+    print(f"torch      {t['version']} {t['build']} build{gpu_note}")
     print("counts     " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
     for r in info["rounds"]:
         print(f"round {r['round_id']:>3}  {r['status']:<11} step {r['step'] or '-':<9} policy {r['policy_checkpoint_id']}")
