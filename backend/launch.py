@@ -8,17 +8,71 @@ the ranks are CPU processes, DeepSpeed's CPU accelerator, gloo) and appends ``--
 rank's argv, which backend.jobs.train accepts and ignores. With a hostfile (MPI style, ``host slots=N``) it
 starts ``num_processes`` ranks on every host listed, over pdsh/ssh; prefloop must be installed at the same
 path on each host.
+
+``train.num_processes = "auto"`` is resolved here, once, before the run folder is written
+(``resolve_train``): the owner records the resolved number in the job's config.json and launches with it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Protocol
 
 from core.config import TrainConfig
+from core.errors import ConfigError
 
 DEFAULT_MASTER_PORT = 29500
+
+log = logging.getLogger(__name__)
+
+
+def visible_gpus() -> int:
+    """CUDA GPUs this process sees (torch honours ``CUDA_VISIBLE_DEVICES``); 0 on CPU or with
+    ``PREFLOOP_DEVICE=cpu``."""
+    from backend.models import default_device
+
+    if default_device() != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def resolve_num_processes(train: TrainConfig, visible_gpus: int) -> int:
+    """Ranks per node for ``train`` on a machine that sees ``visible_gpus`` CUDA GPUs (0 on CPU).
+
+    ``auto``: the GPUs seen (1 on CPU); always 1 with the ``local`` launcher, which runs one process. A
+    number above 1 needs the ``deepspeed`` launcher; on a GPU machine it may not exceed the GPUs seen
+    (unless a hostfile puts the ranks on other hosts). On CPU a number is kept: the ranks are CPU processes.
+    Raises ConfigError naming the key to change.
+    """
+    n = train.num_processes
+    if train.launcher == "local":
+        if n != "auto" and n > 1:
+            raise ConfigError(f"train.num_processes = {n} needs several processes, and train.launcher = "
+                              '"local" runs one: set train.launcher = "deepspeed" (or train.num_processes = 1)')
+        if visible_gpus > 1:
+            log.info('train.launcher = "local" uses 1 of the %d GPUs seen; train.launcher = "deepspeed" '
+                     "uses them all", visible_gpus)
+        return 1
+    if n == "auto":
+        return max(visible_gpus, 1)
+    if visible_gpus and n > visible_gpus and not train.hostfile:
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else ""
+        raise ConfigError(f"train.num_processes = {n} but this machine sees {visible_gpus} CUDA GPU(s){seen}: "
+                          f'set train.num_processes = "auto" or a number up to {visible_gpus}')
+    return n
+
+
+def resolve_train(train: TrainConfig, visible: int | None = None) -> TrainConfig:
+    """``train`` with ``num_processes`` resolved (``resolve_num_processes``); ``visible``: the GPUs seen,
+    counted here when None."""
+    n = resolve_num_processes(train, visible_gpus() if visible is None else visible)
+    return train.model_copy(update={"num_processes": n})
 
 
 class Launcher(Protocol):
@@ -33,6 +87,8 @@ def deepspeed_command(run_dir: Path, train: TrainConfig, *, python: str, master_
     cmd = [python, "-m", "deepspeed.launcher.runner"]
     if train.hostfile:
         cmd += ["--hostfile", str(train.hostfile)]
+    if train.num_processes == "auto":
+        raise ValueError('train.num_processes = "auto": resolve it first (backend.launch.resolve_train)')
     cmd += ["--num_gpus", str(train.num_processes), "--master_port", str(master_port),
             "--module", "backend.jobs.train", str(run_dir)]
     return cmd
@@ -46,7 +102,8 @@ LAUNCHERS: dict[str, Launcher] = {
 
 def train_command(run_dir: Path, train: TrainConfig, *, python: str = sys.executable,
                   master_port: int = DEFAULT_MASTER_PORT) -> list[str]:
-    """argv that runs the training job of ``run_dir`` with ``train.launcher``.
+    """argv that runs the training job of ``run_dir`` with ``train.launcher``; ``train.num_processes``
+    already resolved (``resolve_train``).
 
     ``python``: the interpreter (default: this one). ``master_port``: the deepspeed rendezvous port; pick a
     free one when several jobs may run at once on a host.

@@ -127,8 +127,10 @@ class TrainConfig(_Section):
     """Merge the LoRA adapter into full weights after training (in a fresh process)."""
     launcher: Literal["local", "deepspeed"] = "local"
     """`local` runs one process; `deepspeed` runs the deepspeed launcher with `num_processes` ranks."""
-    num_processes: int = Field(1, ge=1)
-    """Ranks per node for the deepspeed launcher."""
+    num_processes: int | Literal["auto"] = "auto"
+    """Ranks per node for the deepspeed launcher: `auto` is the CUDA GPUs this machine sees (1 on CPU, and
+    always 1 with the `local` launcher), or a number (more than the GPUs seen stops before launch; on CPU
+    the ranks are CPU processes). The job's config.json holds the resolved number."""
     zero_stage: Literal[2, 3] = 3
     """DeepSpeed ZeRO stage of the shipped config."""
     hostfile: str | None = None
@@ -142,6 +144,19 @@ class TrainConfig(_Section):
     @classmethod
     def _known_losses(cls, v: list[str]) -> list[str]:
         return _registered("loss type", names.LOSSES, v)
+
+    @field_validator("num_processes", mode="before")
+    @classmethod
+    def _auto_or_count(cls, v: Any) -> int | str:
+        if v == "auto":
+            return v
+        try:
+            n = int(v) if not isinstance(v, bool | float) else 0
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1:
+            raise PydanticCustomError("num_processes", '"auto" or a number of ranks >= 1')
+        return n
 
 
 class GeminiConfig(_Section):

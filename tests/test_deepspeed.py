@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from backend.launch import train_command
+from backend.launch import resolve_num_processes, resolve_train, train_command
 from core.config import TrainConfig
+from core.errors import ConfigError
 from tests.helpers import free_port, make_pairs, make_run, run_launcher, weight
 
 
@@ -33,6 +35,28 @@ def test_launcher_command_lines():
     parsed = parse_args(cmd[3:])
     assert (parsed.hostfile, parsed.num_gpus, parsed.module, parsed.user_script, parsed.user_args) == (
         "/ws/hostfile", 8, True, "backend.jobs.train", [str(run_dir)])
+
+
+def test_num_processes_auto_counts_the_gpus_and_too_many_stops_before_launch():
+    def ds(n, **kw):
+        return TrainConfig(launcher="deepspeed", num_processes=n, **kw)
+
+    assert TrainConfig().num_processes == "auto"
+    assert [resolve_num_processes(ds("auto"), gpus) for gpus in (0, 1, 8)] == [1, 1, 8]
+    assert resolve_num_processes(ds(2), 0) == 2  # CPU ranks (gloo), as the 2-rank tests run
+    assert resolve_num_processes(ds(4), 8) == 4
+    with pytest.raises(ConfigError, match=r"train.num_processes = 8 but this machine sees 2 CUDA GPU\(s\)"):
+        resolve_num_processes(ds(8), 2)
+    assert resolve_num_processes(ds(8, hostfile="/ws/hostfile"), 2) == 8  # the ranks run on the hosts listed
+    # local runs one process: "auto" is 1 whatever the GPUs; asking for more names the launcher to set
+    assert [resolve_num_processes(TrainConfig(), gpus) for gpus in (0, 8)] == [1, 1]
+    with pytest.raises(ConfigError, match='train.launcher = "deepspeed"'):
+        resolve_num_processes(TrainConfig(num_processes=2), 0)
+    assert resolve_train(ds("auto"), 4).num_processes == 4  # what the job's config.json records
+    with pytest.raises(ValidationError):
+        TrainConfig(num_processes=0)
+    with pytest.raises(ValueError, match="resolve"):
+        train_command(Path("/ws/run"), ds("auto"))
 
 
 def test_job_threads_share_the_cores_and_an_explicit_setting_wins(monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 
 from app.cli import main as cli_main
 from backend import recipes
+from backend.launch import resolve_num_processes
 from core import config as cfgmod
 from core.errors import ConfigError, UsageError
 from tests.fakes.gemini_server import METRICS, FakeGemini
@@ -45,6 +46,8 @@ def test_ov_chat_values():
     assert (cfg.pairs.strategy, cfg.pairs.judge) == ("best-worst", "critic")
     assert (t.lora, t.epochs, t.launcher, t.zero_stage) == (False, 1.0, "deepspeed", 3)
     assert recipes.load("ov_chat").meta.default_rounds == 3
+    assert t.num_processes == "auto"  # every GPU the machine has, not a fixed 8
+    assert [resolve_num_processes(t, gpus) for gpus in (0, 1, 8)] == [1, 1, 8]
     tiny = resolved("ov_chat").train
     assert (tiny.lora, tiny.launcher, tiny.num_processes) == (False, "local", 1)
 

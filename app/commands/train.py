@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_const", const=False, dest="lora", help="full fine-tuning instead of LoRA")
     p.add_argument("--reference", choices=["previous", "initial"], help="reference policy (default: train.reference)")
     p.add_argument("--launcher", choices=["local", "deepspeed"], help="one process, or the deepspeed launcher")
-    p.add_argument("--num-processes", type=int, dest="num_processes", help="ranks per node for deepspeed")
+    p.add_argument("--num-processes", type=lambda s: s if s == "auto" else int(s), dest="num_processes",
+                   help='ranks per node for deepspeed: a number, or "auto" for the GPUs seen (default)')
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -41,6 +41,7 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
         raise UsageError(f"round {round_id} has no pairs to train on: run `prefloop pairs` first "
                          "(after `prefloop generate`, or import candidates with preferences)")
     train = cfgmod.update(ws.config, {f"train.{k}": v for k, v in (overrides or {}).items() if v is not None}).train
+    train = launch.resolve_train(train)  # "auto" -> the GPUs seen; stops here when asking for too many
     pairstore.freeze(cur, round_id)
     rows = pairstore.training_rows(cur, round_id, str(ws.root))
     run_dir = step_dir(ws, round_id, "train", fresh=True)
@@ -62,8 +63,7 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
     write_config(run_dir, config.model_dump())
     argv = launch.train_command(run_dir, train)
     with tracked_step(ws, round_id, "train", run_dir):
-        ranks = train.num_processes if train.launcher == "deepspeed" else 1
-        result = Job(argv, run_dir, on_event=on_event, cancel=cancel, processes=ranks).wait()
+        result = Job(argv, run_dir, on_event=on_event, cancel=cancel, processes=train.num_processes).wait()
         meta = json.loads((out_dir / "meta.json").read_text())
         rounds.complete_training(cur, round_id=round_id, metrics=result.metrics, open_next=open_next, checkpoint={
             "checkpoint_id": checkpoint_id, "round_id": round_id, "parent_id": parent_id,
