@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,21 @@ class Family:
     """What those settings do and their stock values."""
 
 
+_QWEN2_VL = Family(
+    model_type="qwen2_vl", title="Qwen2-VL",
+    processor_class="Qwen2VLProcessor", image_token="<|image_pad|>",
+    image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    processor_outputs=("image_grid_thw", "mm_token_type_ids"),
+    language_model=r"model\.language_model(\.|$)", vision_tower=r"model\.visual\.(?!merger)",
+    projector=("merger",), lora_target=rf".*language_model.*\.{_ATTN_MLP}",
+    vllm_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    resolution_keys=("min_pixels", "max_pixels"),
+    resolution_note="native resolution: one token per 28x28 pixels, image resized into "
+                    "[min_pixels, max_pixels] (stock 3136 .. 12845056, i.e. up to 16384 tokens)",
+)
+"""Qwen2-VL; Qwen2.5-VL differs only in its classes (same tokens, module names and resolution settings)."""
+
+
 FAMILIES: dict[str, Family] = {
     "llava": Family(
         model_type="llava", title="LLaVA / LLaVA-1.5 (-hf); also `tiny` and `demo`",
@@ -82,27 +97,9 @@ FAMILIES: dict[str, Family] = {
                         "(384 px tiles, up to 6x6; anyres_max_9 then pools to at most 9 tiles' worth): "
                         "~1.5k tokens at 384x384, up to ~7k for a photo; fewer pinpoints caps it",
     ),
-    "qwen2_vl": Family(
-        model_type="qwen2_vl", title="Qwen2-VL",
-        processor_class="Qwen2VLProcessor", image_token="<|image_pad|>",
-        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        processor_outputs=("image_grid_thw", "mm_token_type_ids"),
-        language_model=r"model\.language_model(\.|$)", vision_tower=r"model\.visual\.(?!merger)",
-        projector=("merger",), lora_target=rf".*language_model.*\.{_ATTN_MLP}",
-        vllm_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        resolution_keys=("min_pixels", "max_pixels"),
-        resolution_note="native resolution: one token per 28x28 pixels, image resized into "
-                        "[min_pixels, max_pixels] (stock 3136 .. 12845056, i.e. up to 16384 tokens)",
-    ),
-    "qwen2_5_vl": Family(
-        model_type="qwen2_5_vl", title="Qwen2.5-VL",
-        processor_class="Qwen2_5_VLProcessor", image_token="<|image_pad|>",
-        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        processor_outputs=("image_grid_thw", "mm_token_type_ids"),
-        language_model=r"model\.language_model(\.|$)", vision_tower=r"model\.visual\.(?!merger)",
-        projector=("merger",), lora_target=rf".*language_model.*\.{_ATTN_MLP}",
-        vllm_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
-        resolution_keys=("min_pixels", "max_pixels"),
+    "qwen2_vl": _QWEN2_VL,
+    "qwen2_5_vl": replace(
+        _QWEN2_VL, model_type="qwen2_5_vl", title="Qwen2.5-VL", processor_class="Qwen2_5_VLProcessor",
         resolution_note="as Qwen2-VL (its vision MLP has gate/up/down_proj too: LoRA stays in the LM)",
     ),
     "idefics3": Family(
