@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.progress import emit, progress
+from backend.token_budget import cap_answer, limit_of
 from core import names
 from core.config import TrainConfig
 from core.errors import JobFailed, UsageError
@@ -92,7 +93,7 @@ def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str,
         learning_rate=train.learning_rate,
         beta=train.beta,
         **loss_args(train),
-        max_length=train.max_length,  # pairs are pre-filtered to fit: TRL never truncates
+        max_length=None,  # pairs are pre-filtered to fit train.max_length: TRL never truncates
         seed=train.seed,
         data_seed=train.seed,
         train_sampling_strategy="sequential",  # order is shuffled by build_dataset, the same on every rank
@@ -159,11 +160,16 @@ class PairStats:
         return sum(self.skipped.values())
 
 
-def _cap_answer(tokenizer, text: str, cap: int) -> tuple[str, bool]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= cap:
-        return text, False
-    return tokenizer.decode(ids[:cap], skip_special_tokens=False), True
+def render_example(processor, example: dict) -> dict:
+    """A prompt/chosen/rejected example rendered to text by the chat template, one image in the prompt,
+    as ``DataCollatorForVisionPreference`` renders it (``backend.token_budget`` counts its tokens)."""
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    example = copy.deepcopy(example)
+    example["prompt"] = prepare_multimodal_messages(example["prompt"], images=[None])
+    for key in ("chosen", "rejected"):
+        example[key] = prepare_multimodal_messages(example[key])
+    return apply_chat_template(example, processor)
 
 
 def _sequence_lengths(collator, row: dict) -> tuple[int, int]:
@@ -188,7 +194,7 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: Ref
 
     ``pairs``: dicts with image_path, question, chosen_text, rejected_text. Answers are capped at
     ``max_completion_length`` tokens; prompts are never cut; a pair still longer than ``max_length``
-    (prompt with image tokens + longer answer, chat template included) is skipped, as is a pair whose
+    (prompt with image tokens + longer answer, chat template included; ``auto``: no limit) is skipped, as is a pair whose
     two answers are the same text. With ``ref_key`` each row also gets its reference-cache key in the
     ``ref_key`` column (computed from the row as fed, i.e. after capping).
     """
@@ -200,6 +206,7 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: Ref
         raise JobFailed(f"{len(missing)} image file(s) of the pairs are missing, e.g. {missing[0]}; "
                         "re-run the pairs step or restore the image store")
     stats = PairStats(total=len(pairs))
+    limit = limit_of(train.max_length)
     collator = DataCollatorForVisionPreference(processor=processor, max_length=None)
     image_feature = datasets.Image(mode="RGB")
     rows = []
@@ -210,15 +217,14 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: Ref
         if pair["chosen_text"].strip() == pair["rejected_text"].strip():
             stats.skipped["identical"] += 1
             continue
-        chosen, cut_c = _cap_answer(processor.tokenizer, pair["chosen_text"], train.max_completion_length)
-        rejected, cut_r = _cap_answer(processor.tokenizer, pair["rejected_text"], train.max_completion_length)
+        chosen, cut_c = cap_answer(processor.tokenizer, pair["chosen_text"], train.max_completion_length)
+        rejected, cut_r = cap_answer(processor.tokenizer, pair["rejected_text"], train.max_completion_length)
         row = trl_row(pair["image_path"], pair["question"], chosen, rejected)
         image = image_feature.decode_example({"path": pair["image_path"], "bytes": None})
         prompt_len, total_len = _sequence_lengths(collator, {**row, "images": [image]})
-        if total_len > train.max_length:
+        if limit is not None and total_len > limit:
             stats.skipped["too_long"] += 1
-            log.info("pair %d skipped: %d tokens (prompt %d) > max_length %d", i, total_len, prompt_len,
-                     train.max_length)
+            log.info("pair %d skipped: %d tokens (prompt %d) > max_length %d", i, total_len, prompt_len, limit)
             continue
         stats.truncated_answers += int(cut_c) + int(cut_r)
         stats.longest = max(stats.longest, total_len)

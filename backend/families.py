@@ -54,7 +54,8 @@ class Family:
     every prompt rendered by the model's chat template against it; tests/test_vllm_requests.py checks
     it against each tiny family's HF rendering. vLLM's own expansion is NOT checked here (no vLLM)."""
     resolution_keys: tuple[str, ...]
-    """Image-processor settings that cap an image's token count (for a token budget step)."""
+    """Image-processor settings ``policy.image_processor`` may set to cap an image's token count: only
+    settings the processor alone applies (the model reads the result from the processor's outputs)."""
     resolution_note: str
     """What those settings do and their stock values."""
 
@@ -82,7 +83,7 @@ FAMILIES: dict[str, Family] = {
         language_model=r"model\.language_model(\.|$)", vision_tower=r"model\.vision_tower(\.|$)",
         projector=("multi_modal_projector",), lora_target=rf".*language_model.*\.{_ATTN_MLP}",
         vllm_placeholder="<image>",  # "USER: <image>\n{question}\nASSISTANT:"
-        resolution_keys=("size", "crop_size"),
+        resolution_keys=(),
         resolution_note="fixed: the image is resized and cropped to the tower's size (336 px: 576 tokens)",
     ),
     "llava_onevision": Family(
@@ -92,10 +93,11 @@ FAMILIES: dict[str, Family] = {
         language_model=r"model\.language_model(\.|$)", vision_tower=r"model\.vision_tower(\.|$)",
         projector=("multi_modal_projector",), lora_target=rf".*language_model.*\.{_ATTN_MLP}",
         vllm_placeholder="<image>",  # "<|im_start|>user <image>\n{question}<|im_end|><|im_start|>assistant\n"
-        resolution_keys=("image_grid_pinpoints",),
+        resolution_keys=(),
         resolution_note="anyres: the image is tiled on the best-fitting grid of image_grid_pinpoints "
-                        "(384 px tiles, up to 6x6; anyres_max_9 then pools to at most 9 tiles' worth): "
-                        "~1.5k tokens at 384x384, up to ~7k for a photo; fewer pinpoints caps it",
+                        "(384 px tiles, up to 6x6; anyres_max_9 then pools to at most 9 tiles' worth). The "
+                        "model's config holds the same grid (it unpads the features with it), so the processor "
+                        "alone cannot cap it: train.max_length = auto takes the data as it is",
     ),
     "qwen2_vl": _QWEN2_VL,
     "qwen2_5_vl": replace(

@@ -95,7 +95,7 @@ def _pairs(ctx: LoopContext) -> dict:
     if pairstore.is_frozen(ctx.ws.cursor(), ctx.round_id):
         return {"frozen": True}
     summary = run_pairs(ctx.ws)
-    if summary["pairs"] == 0:  # stop here, saying which setting to change, rather than fail in train
+    if summary["usable"] == 0:  # stop here, saying which setting to change, rather than fail in train
         raise UsageError(summary["message"])
     return summary
 

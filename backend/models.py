@@ -106,13 +106,30 @@ def _rebuild_processor(path: str | Path, family_source=None):
     return cls(image_processor=images, tokenizer=tokenizer, **kwargs)
 
 
-def load_processor(path: str | Path, family_source=None):
+def check_image_processor(family, overrides: dict) -> None:
+    """A UsageError naming the family's allowed keys when ``overrides`` (policy.image_processor) has others."""
+    unknown = sorted(set(overrides) - set(family.resolution_keys))
+    if unknown:
+        from core.errors import UsageError
+
+        allowed = ", ".join(family.resolution_keys) or "none"
+        raise UsageError(f"policy.image_processor: {', '.join(unknown)} cannot be set for {family.title} "
+                         f"(allowed: {allowed}); {family.resolution_note}")
+
+
+def load_processor(path: str | Path, family_source=None, image_processor: dict | None = None):
     """The model's full processor (image processor + tokenizer). Without torchvision ``AutoProcessor``
     fails or returns only the tokenizer for LLaVA-OneVision and Qwen2-VL: the processor is then rebuilt
     through the family table; an error only when that is impossible too. ``family_source`` (a model
-    config or folder) names the family when ``path`` holds no config.json (a LoRA adapter folder)."""
+    config or folder) names the family when ``path`` holds no config.json (a LoRA adapter folder).
+    ``image_processor``: settings that cap an image's tokens (``policy.image_processor``), checked against the
+    family's ``resolution_keys`` and applied through the image processor's ``from_pretrained``."""
     from transformers import AutoProcessor
 
+    if image_processor:
+        from backend.families import family_of
+
+        check_image_processor(family_of(family_source if family_source is not None else path), image_processor)
     try:
         processor, why = AutoProcessor.from_pretrained(str(path)), None
     except (OSError, ValueError, ImportError) as err:
@@ -128,6 +145,8 @@ def load_processor(path: str | Path, family_source=None):
             ) from None
         log.info("rebuilt the %s processor of %s around the PIL image processor (%s)",
                  type(processor).__name__, path, why)
+    if image_processor:
+        processor.image_processor = type(processor.image_processor).from_pretrained(str(path), **image_processor)
     tok = processor.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -146,7 +146,7 @@ class CacheContext:
         return self.key(pair_fingerprint(image_path, row))
 
 
-def make_context(reference_folder: Path, processor, *, dtype: str, max_length: int,
+def make_context(reference_folder: Path, processor, *, dtype: str, max_length: int | str,
                  max_completion_length: int) -> CacheContext:
     try:
         trl_version = metadata.version("trl")

@@ -62,7 +62,7 @@ class Bench:
 
 BENCHES: dict[str, Bench] = {
     "generation": Bench(
-        "generation.py", "batched k-sampling on the tiny VLM (sequences/s)",
+        "generation.py", "batched k-sampling per model family: tiny + the tiny real-family builds (tokens/s)",
         "one sequence per generate() call, same prompts, seeds and token count",
         quick=("--prompts", "8")),
     "import_rate": Bench(

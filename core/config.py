@@ -44,6 +44,12 @@ class PolicyConfig(_Section):
     that supports it and float32 on CPU; bf16/fp16 need a GPU. Each job's config.json holds the resolved one."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor parallelism (GPUs per generation job)."""
+    image_processor: dict[str, Any] = {}
+    """Image-processor settings that cap an image's tokens, applied wherever the policy's processor is loaded
+    (generation hf and vLLM, the pairs step's token count, training). Allowed keys per family: Qwen2-VL /
+    Qwen2.5-VL `min_pixels`, `max_pixels` (e.g. `max_pixels = 1003520`: at most 1280 image tokens);
+    Idefics3 / SmolVLM `size` (e.g. `{longest_edge = 768}`), `max_image_size`. LLaVA's size is fixed, and
+    LLaVA-OneVision's anyres grid is part of the model's own config, so neither takes any."""
 
 
 class GenerationConfig(_Section):
@@ -119,8 +125,17 @@ class TrainConfig(_Section):
     """Gradient accumulation steps."""
     max_completion_length: int = Field(128, ge=1)
     """Cap on each answer's tokens; prompts (with image tokens) are never truncated."""
-    max_length: int = Field(1024, ge=16)
-    """A pair whose prompt plus capped answer exceeds this is skipped and counted."""
+    max_length: int | Literal["auto"] = "auto"
+    """Longest pair (prompt with its image tokens + capped answer) trained on: `auto` takes every pair, however
+    long (the pairs step reports the longest); a number skips longer pairs, and the pairs step says how many.
+    A 384x384 image alone is ~1.5k LLaVA-OneVision tokens (a photo up to ~7k), ~190 Qwen2-VL tokens."""
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length_floor(cls, v):
+        if isinstance(v, int) and v < 16:
+            raise ValueError("max_length must be at least 16 tokens, or \"auto\"")
+        return v
     reference: Literal["previous", "initial"] = "previous"
     """Reference policy: the previous round's checkpoint, or the initial base model."""
     merge: bool = True

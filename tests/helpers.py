@@ -217,15 +217,17 @@ def make_data(root: Path) -> Path:
     return data / "q.jsonl"
 
 
-def make_ws(root: Path, tiny_model_dir: Path, **changes) -> Path:
-    """A workspace with the test data imported and the small round config (CLI in-process)."""
+def make_ws(root: Path, tiny_model_dir: Path, *, model: str = "tiny", data: Path | None = None,
+            **changes) -> Path:
+    """A workspace on ``model`` (its build in ``tiny_model_dir`` becomes c0) with ``data`` (a `prefloop
+    import` file; default: make_data's) imported and the small round config (CLI in-process)."""
     from app.cli import main as cli_main
     from core import config as cfgmod
 
     ws = root / "ws"
-    assert cli_main(["init", str(ws), "--model", "tiny"]) == 0
+    assert cli_main(["init", str(ws), "--model", model]) == 0
     shutil.copytree(tiny_model_dir, ws / "checkpoints" / "c0")
-    assert cli_main(["import", "-w", str(ws), str(make_data(root))]) == 0
+    assert cli_main(["import", "-w", str(ws), str(data or make_data(root))]) == 0
     cfg = cfgmod.update(cfgmod.load(ws / "prefloop.toml"), {**ROUND_CONFIG, **changes})
     cfgmod.save(cfg, ws / "prefloop.toml")
     return ws

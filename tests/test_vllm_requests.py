@@ -1,57 +1,47 @@
 """The vllm engine's requests per model family, checked through a fake of the remote `vllm` library
-(recording what it is sent): one ``LLM.generate`` call per step, each prompt the HF processor's own
+(tests/fakes/vllm_site, recording what it is sent): one ``LLM.generate`` call per step, each prompt the HF processor's own
 rendering of the conversation with one family placeholder per image, per-request sampling, and the
-outputs mapped back to their prompts."""
+outputs mapped back to their prompts; and the generate job end to end on the fake (a subprocess)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import os
 import sys
-from importlib.machinery import ModuleSpec
-from types import ModuleType, SimpleNamespace
-from typing import ClassVar
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from backend import families
+from backend import families, job_runner
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, build_messages, make_engine
 from backend.models import load_processor
 from core.errors import UsageError
+from tests.helpers import REPO
+from tests.test_generation import write_run
 
 FAMILY_NAMES = ["tiny", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-idefics3"]
 QUESTIONS = ["What is this?", "What color is it?", "Describe the scene.", "Is it day?", "Count the shapes."]
-
-
-class FakeLLM:
-    """vllm.LLM: records its arguments and each generate call; answers "<prompt index>/<sample>"."""
-
-    calls: ClassVar[list[dict]] = []
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-    def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True):
-        FakeLLM.calls.append({"prompts": prompts, "sampling_params": sampling_params, "lora_request": lora_request})
-        return [SimpleNamespace(outputs=[SimpleNamespace(text=f" {i}/{j} ", token_ids=[1] * (j + 1),
-                                                         finish_reason="stop") for j in range(sp.n)])
-                for i, sp in enumerate(sampling_params)]
+FAKE_VLLM_SITE = REPO / "tests" / "fakes" / "vllm_site"
+"""Holds the fake `vllm` package: on sys.path in process, on PYTHONPATH for a job."""
+VLLM_MODULES = ("vllm", "vllm.lora", "vllm.lora.request")
 
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    vllm = ModuleType("vllm")
-    vllm.LLM = FakeLLM
-    vllm.SamplingParams = lambda **kw: SimpleNamespace(**kw)
-    lora = ModuleType("vllm.lora")
-    lora_request = ModuleType("vllm.lora.request")
-    lora_request.LoRARequest = lambda name, id_, path: SimpleNamespace(name=name, id=id_, path=path)
-    for name, module in {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": lora_request}.items():
-        module.__spec__ = ModuleSpec(name, None)  # importlib.util.find_spec reads it from sys.modules
-        monkeypatch.setitem(sys.modules, name, module)
-    FakeLLM.calls = []
-    return vllm
+    """The fake `vllm` (tests/fakes/vllm_site) imported in process; gone from sys.modules afterwards."""
+    saved = {name: sys.modules.pop(name) for name in VLLM_MODULES if name in sys.modules}
+    monkeypatch.syspath_prepend(str(FAKE_VLLM_SITE))
+    vllm = importlib.import_module("vllm")
+    importlib.import_module("vllm.lora.request")
+    assert Path(vllm.__file__).is_relative_to(FAKE_VLLM_SITE)
+    yield vllm
+    for name in VLLM_MODULES:
+        sys.modules.pop(name, None)
+    sys.modules.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +65,8 @@ def test_one_call_per_step_with_the_familys_prompt(fake_vllm, name, tiny_model_d
                         request_id=r.request_id) for i, r in enumerate(requests)]
     sampled, greedy = engine.generate_many([(requests, policy), (views, policy.as_greedy())])
 
-    assert len(FakeLLM.calls) == 1, "one LLM.generate call for the whole step"
-    (call,) = FakeLLM.calls
+    assert len(fake_vllm.LLM.calls) == 1, "one LLM.generate call for the whole step"
+    (call,) = fake_vllm.LLM.calls
     processor = load_processor(folder)  # the HF processor's own rendering, unexpanded
     assert len(call["prompts"]) == 10 and call["lora_request"] is None
     for prompt, request in zip(call["prompts"], requests + views):
@@ -98,9 +88,54 @@ def test_lora_and_placeholder_mismatch(fake_vllm, family_dirs, tmp_path, monkeyp
     folder = family_dirs["tiny-qwen2-vl"]
     engine = make_engine("vllm", EngineSpec(model_path=str(folder), adapter_path=str(adapter)))
     engine.generate([GenRequest(question="Hi?", image=images[0])], SamplingSpec(k=2))
-    assert FakeLLM.calls[0]["lora_request"].path == str(adapter.resolve())
+    assert fake_vllm.LLM.calls[0]["lora_request"].path == str(adapter.resolve())
     monkeypatch.setitem(families.FAMILIES, "qwen2_vl",
                         dataclasses.replace(families.FAMILIES["qwen2_vl"], vllm_placeholder="<image>"))
     with pytest.raises(UsageError, match="placeholder '<image>' 0 time"):
         make_engine("vllm", EngineSpec(model_path=str(folder))).generate(
             [GenRequest(question="Hi?", image=images[0])], SamplingSpec(k=2))
+
+
+def test_generate_job_on_vllm_sends_one_call_per_step(family_dirs, tmp_path):
+    """The real generate job, started as the owner starts it (backend.job_runner), with engine vllm and the
+    fake on its PYTHONPATH: one LLM.generate call for the step (every view's prompts), each prompt the
+    family's chat template with one unexpanded image placeholder, and the fake's answers in the output."""
+    name = "tiny-qwen2-vl"
+    folder = family_dirs[name]
+    placeholder = families.family_of(folder).vllm_placeholder
+    run_dir = write_run(tmp_path / "run", folder, engine="vllm", model=name, views=["original", "aug:flip"])
+    calls_file = tmp_path / "vllm_calls.jsonl"
+    pythonpath = os.pathsep.join([str(FAKE_VLLM_SITE), job_runner.job_env()["PYTHONPATH"]])
+    events: list[dict] = []
+    result = job_runner.run_job(job_runner.python_module("backend.jobs.generate", str(run_dir)), run_dir,
+                                env={"PYTHONPATH": pythonpath, "FAKE_VLLM_CALLS": str(calls_file),
+                                     "HF_HUB_OFFLINE": "1"}, on_event=events.append)
+
+    calls = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    assert [c["call"] for c in calls] == ["LLM", "generate"], "one LLM, one generate call for the step"
+    assert calls[0]["kwargs"]["model"] == str(folder) and calls[0]["kwargs"]["enable_lora"] is False
+    prompts, sampling = calls[1]["prompts"], calls[1]["sampling_params"]
+    rows = pq.read_table(run_dir / "prompts.parquet").to_pylist()
+    assert len(prompts) == len(sampling) == 2 * len(rows) == 6, "both views' prompts in the one call"
+    processor = load_processor(folder)
+    for prompt, row in zip(prompts, rows + rows):  # the original view's prompts, then the flipped ones
+        with Image.open(row["image_path"]) as image:
+            messages, size = build_messages(GenRequest(question=row["question"], image=image)), list(image.size)
+        assert prompt["prompt"] == processor.apply_chat_template(messages, add_generation_prompt=True)
+        assert f"<|im_start|>user\n{placeholder}{row['question']}<|im_end|>" in prompt["prompt"]
+        assert prompt["prompt"].count("<|image_pad|>") == 1, "the placeholder goes unexpanded (vLLM expands it)"
+        assert prompt["image"] == size
+    assert [(s["n"], s["temperature"], s["max_tokens"]) for s in sampling] == [(2, 0.8, 8)] * 3 + [(1, 0.0, 8)] * 3
+
+    candidates = pq.read_table(run_dir / "candidates.parquet").to_pylist()
+    got = {(c["view"], c["prompt_id"], c["sample_index"]): c for c in candidates}
+    index = {row["prompt_id"]: i for i, row in enumerate(rows)}
+    want = {("original", pid, j): f"{i}/{j}" for pid, i in index.items() for j in range(2)}
+    want |= {("aug:flip", pid, 0): f"{3 + i}/0" for pid, i in index.items()}
+    assert {key: c["text"] for key, c in got.items()} == want
+    assert all(c["engine"] == "vllm" and c["model"] == name and c["finish_reason"] == "stop" for c in candidates)
+    assert [s["seed"] for s in sampling] == [got[(view, row["prompt_id"], 0)]["seed"]
+                                             for view in ("original", "aug:flip") for row in rows]
+    assert [e["done"] for e in events if e["event"] == "progress"] == [0, 6]
+    assert f"loaded {name} (vllm engine)" in " ".join(e["message"] for e in events if e["event"] == "log")
+    assert result.summary["candidates"] == 9 and result.summary["tokens"] == 3 * (1 + 2) + 3

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"round {s['round_id']}: {s['pairs']} pairs ({s['strategy']}; by source: {src}); skipped prompts: {skipped}")
     if s["skipped"] or not s["pairs"]:
         print(s["message"])
+    elif s["lengths"]:
+        print(s["lengths"])
     if s["needs_admin"]:
         print(f"annotators tied on {len(s['needs_admin'])} prompts (dropped until an admin decides): "
               + ", ".join(s["needs_admin"][:20]))

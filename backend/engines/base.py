@@ -118,6 +118,8 @@ class EngineSpec:
     tensor_parallel_size: int = 1
     adapter_path: str | None = None
     """A LoRA adapter folder on top of ``model_path`` (None: the weights are merged/full)."""
+    image_processor: dict = field(default_factory=dict)
+    """Image-processor settings that cap an image's tokens (policy.image_processor; vLLM: mm_processor_kwargs)."""
     extra: dict = field(default_factory=dict)
     """Engine-specific options (vllm: more ``LLM(...)`` keywords, e.g. gpu_memory_utilization)."""
 

@@ -37,7 +37,7 @@ class HFEngine:
         self.spec = spec
         self.batch_size = spec.batch_size
         self.requests_per_call = spec.batch_size
-        self.processor = processor if processor is not None else load_processor(spec.model_path)
+        self.processor = processor if processor is not None else load_processor(spec.model_path, image_processor=spec.image_processor)
         self.model = model if model is not None else load_model(spec.model_path, spec.dtype, spec.device)
         if spec.adapter_path and model is None:
             self.model = _load_adapter(self.model, spec.adapter_path)

@@ -120,6 +120,8 @@ def build_llm_kwargs(spec: EngineSpec) -> dict:
               "dtype": spec.dtype, "enable_lora": bool(spec.adapter_path), "limit_mm_per_prompt": {"image": 1}}
     if spec.adapter_path:
         kwargs["max_lora_rank"] = _adapter_rank(spec.adapter_path)
+    if spec.image_processor:
+        kwargs["mm_processor_kwargs"] = dict(spec.image_processor)
     kwargs.update(spec.extra)
     return kwargs
 
@@ -157,7 +159,7 @@ class VLLMEngine:
 
         self.spec = spec
         self._vllm = vllm
-        self.processor = load_processor(spec.model_path)
+        self.processor = load_processor(spec.model_path, image_processor=spec.image_processor)
         self.placeholder = _family_placeholder(spec.model_path)
         self.llm = vllm.LLM(**build_llm_kwargs(spec))
         args = build_lora_request_args(spec.adapter_path)

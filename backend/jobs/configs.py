@@ -92,6 +92,8 @@ class TrainJobConfig(_JobConfig):
     """Weights dtype (the workspace's policy.dtype, resolved)."""
     max_steps: int = -1
     """Stop after this many optimizer steps (tests, smoke runs); -1 runs `epochs` in full."""
+    image_processor: dict = {}
+    """The workspace's policy.image_processor (settings that cap an image's tokens)."""
     ref_cache_dir: str | None = None
     """Folder of the reference log-prob cache (kept across retries of the round); None: no cache."""
     train: TrainConfig

@@ -117,7 +117,7 @@ def run_merge(adapter_dir: Path, base: str, out: Path, dtype: str, *, fresh_proc
 def no_pairs_message(stats, train: TrainConfig) -> str:
     return (f"no pairs to train on: {stats.total} pair(s) given, {stats.skipped['identical']} with identical "
             f"answers, {stats.skipped['too_long']} longer than max_length={train.max_length} tokens "
-            "(raise train.max_length or lower train.max_completion_length)")
+            "(set train.max_length = \"auto\" or raise it, or lower train.max_completion_length)")
 
 
 def open_ref_cache(job: TrainJobConfig, processor) -> tuple[ref_cache.RefLogpCache | None, dpo.RefKeyFn | None]:
@@ -158,7 +158,7 @@ def train(run_dir: Path) -> dict:
     args = dpo.dpo_config(cfg, output_dir=run_dir / "trainer", device=job.device, dtype=job.dtype,
                           max_steps=job.max_steps, deepspeed_config=ds_config)
     set_seed(cfg.seed)
-    processor = load_processor(job.model_path)
+    processor = load_processor(job.model_path, image_processor=job.image_processor)
     cache, ref_key = open_ref_cache(job, processor)
     dataset, stats = dpo.build_dataset(pairs, processor, cfg, ref_key=ref_key)
     if dataset is None:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections import defaultdict
 from dataclasses import asdict
+from pathlib import Path
 
 from backend.pairs import Candidate, Label, PairOptions, PromptItem, build_pairs
-from core.errors import UsageError
+from backend.steps.common import checkpoint_path
+from backend.token_budget import Budget, Measurer, limit_of
+from core.config import TrainConfig
+from core.errors import PrefloopError, UsageError
 from storage import pairs as pairstore
 from storage import rounds
 from storage.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 def load_items(ws: Workspace, round_id: int) -> list[PromptItem]:
@@ -64,6 +72,47 @@ def explain(pairs: int, prompts: int, strategy: str, skipped: dict[str, int], ro
     return f"{head}; no pairs from {sum(skipped.values())} prompt(s): {why}"
 
 
+@functools.lru_cache(maxsize=4)
+def _processor(folder: str, stamp: float, image_processor: str):
+    from backend.models import load_processor
+
+    return load_processor(folder, image_processor=json.loads(image_processor))
+
+
+def measure(ws: Workspace, round_id: int, policy_checkpoint_id: str, train: TrainConfig,
+            image_processor: dict) -> Budget | str:
+    """The round's draft pairs measured in tokens with the policy's processor (``backend.token_budget``),
+    or why they could not be (the train job then measures them itself)."""
+    rows = pairstore.training_rows(ws.cursor(), round_id, str(ws.root))
+    if not rows:
+        return Budget(limit=limit_of(train.max_length))
+    try:
+        folder = checkpoint_path(ws, policy_checkpoint_id)
+        config = Path(folder) / "config.json"
+        processor = _processor(str(folder), config.stat().st_mtime if config.is_file() else 0.0,
+                               json.dumps(image_processor, sort_keys=True))
+        return Measurer(processor, train.max_completion_length).measure(rows, limit_of(train.max_length))
+    except (PrefloopError, OSError, ValueError) as err:
+        log.warning("pair lengths not measured: %s", err)
+        return f"pair lengths not measured ({type(err).__name__}: {err})"
+
+
+def explain_budget(budget: Budget | str, train: TrainConfig) -> str:
+    """The pairs' token lengths against train.max_length, and what to change when some do not fit."""
+    if isinstance(budget, str):
+        return budget
+    if not budget.lengths:
+        return ""
+    head = (f"longest pair {budget.longest} tokens (longest prompt {budget.longest_prompt} with its image "
+            f"tokens; answers capped at train.max_completion_length={train.max_completion_length})")
+    if budget.too_long == 0:
+        return f"{head}; all fit train.max_length={budget.summary()['max_length']}"
+    return (f"{head}; {budget.too_long} of {len(budget.lengths)} pairs are longer than train.max_length="
+            f"{budget.limit} and will be skipped by training: set train.max_length = \"auto\" (or at least "
+            f"{budget.longest}), lower train.max_completion_length, or cap the image resolution "
+            "(policy.image_processor)")
+
+
 def run_pairs(ws: Workspace, *, strategy: str | None = None, judge: str | None = None,
               min_margin: float | None = None, seed: int | None = None) -> dict:
     """Build the current round's draft pairs (replacing earlier drafts); frozen pairs never change."""
@@ -84,6 +133,11 @@ def run_pairs(ws: Workspace, *, strategy: str | None = None, judge: str | None =
         raise UsageError(str(err)) from None
     rows = [{**asdict(p), "round_id": round_id} for p in result.pairs]
     pairstore.replace_draft_pairs(cur, round_id, rows)
-    return {"round_id": round_id, "strategy": name, "pairs": len(rows), "by_source": dict(result.by_source),
-            "skipped": dict(result.skipped), "needs_admin": result.needs_admin,
-            "message": explain(len(rows), len(items), name, dict(result.skipped), round_id)}
+    budget = measure(ws, round_id, rnd["policy_checkpoint_id"], ws.config.train, ws.config.policy.image_processor)
+    usable = len(rows) - (budget.too_long if isinstance(budget, Budget) else 0)
+    lengths = explain_budget(budget, ws.config.train)
+    message = "; ".join(m for m in (explain(len(rows), len(items), name, dict(result.skipped), round_id),
+                                    lengths) if m)
+    return {"round_id": round_id, "strategy": name, "pairs": len(rows), "usable": usable,
+            "by_source": dict(result.by_source), "skipped": dict(result.skipped), "needs_admin": result.needs_admin,
+            **(budget.summary() if isinstance(budget, Budget) else {}), "lengths": lengths, "message": message}

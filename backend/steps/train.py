@@ -58,6 +58,7 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
         output_dir=str(out_dir), round_id=round_id, checkpoint_id=checkpoint_id, parent_id=parent_id,
         base_model=base["base_model"], pairs_hash=pairs_hash(rows), device=device,
         dtype=resolve_dtype(ws.config.policy.dtype, device), train=train,
+        image_processor=ws.config.policy.image_processor,
         # beside the run folder, which every attempt recreates: a retry reuses the reference log-probs
         ref_cache_dir=str(ws.lay.round_dir(round_id) / "ref_cache"))
     write_config(run_dir, config.model_dump())

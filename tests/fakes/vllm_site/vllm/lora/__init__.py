@@ -1,0 +1,1 @@
+"""The fake ``vllm.lora`` package (see ``vllm/__init__.py``)."""
