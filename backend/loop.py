@@ -238,6 +238,9 @@ class RoundRun:
     """Rounds to train (at least 1)."""
     detail: dict = field(default_factory=dict)
     """Audit detail besides rounds and round_id (a start's recipe and override file)."""
+    sources: dict = field(default_factory=dict)
+    """Dotted config key -> where its value came from ("default", "recipe NAME", "prefloop.toml",
+    "--config FILE", "--set"); saved with the round's resolved config."""
 
     @property
     def label(self) -> str:
@@ -256,12 +259,12 @@ class RoundRun:
         later `round resume` trains what is left with the same config. Returns run_rounds' result."""
         cur = self.ws.cursor()
         r = rounds.current_round(cur)["round_id"]
-        rounds.set_round(cur, r, config={"loop": {"remaining": self.rounds}, "resolved": self.ws.config.model_dump()})
+        saved = {"resolved": self.ws.config.model_dump(), "sources": self.sources}
+        rounds.set_round(cur, r, config={"loop": {"remaining": self.rounds}, **saved})
         res = run_rounds(self.ws, self.rounds, on_event=on_event)
         cur = self.ws.cursor()
         now = rounds.current_round(cur)["round_id"]
-        rounds.set_round(cur, now, config={"loop": {"remaining": max(self.rounds - res["trained"], 0)},
-                                           "resolved": self.ws.config.model_dump()})
+        rounds.set_round(cur, now, config={"loop": {"remaining": max(self.rounds - res["trained"], 0)}, **saved})
         return res
 
 
@@ -270,16 +273,18 @@ def outcome(res: dict) -> str:
     return f"trained {res['trained']} round(s); {res['stopped']}"
 
 
-def start_round(ws: Workspace, n: int = 1, *, recipe: str | None = None, config: Path | None = None) -> RoundRun:
-    """`round start`: train ``n`` rounds from where the current round stands, with a packaged ``recipe``
-    (by name) or an override file (``config``) applied to ``ws.config`` first (both validated)."""
+def start_round(ws: Workspace, n: int = 1, *, recipe: str | None = None, config: Path | None = None,
+                settings: list[str] | None = None) -> RoundRun:
+    """`round start`: train ``n`` rounds from where the current round stands. The config is resolved from
+    the defaults, a packaged ``recipe`` (by name), prefloop.toml, an override file (``config``) and
+    ``settings`` (``KEY=VALUE`` from ``--set``), each winning over the ones before it; the round keeps
+    where every value came from (``RoundRun.sources``)."""
     if n < 1:
         raise UsageError("--rounds must be at least 1")
-    overrides = load_overrides(recipe, config, ws.config)
-    if overrides:
-        ws.config = cfgmod.validate(_merge(ws.config.model_dump(), overrides), recipe or str(config))
+    ws.config, sources = resolve_config(ws, recipe, config, settings)
     r = rounds.current_round(ws.cursor())["round_id"]
-    return RoundRun(ws, "round.start", r, n, {"recipe": recipe, "config": str(config) if config else None})
+    return RoundRun(ws, "round.start", r, n, {"recipe": recipe, "config": str(config) if config else None,
+                                               **({"set": list(settings)} if settings else {})}, sources)
 
 
 def resume_round(ws: Workspace) -> RoundRun:
@@ -292,37 +297,61 @@ def resume_round(ws: Workspace) -> RoundRun:
                               "`prefloop round start` trains it")
     if saved.get("resolved"):
         ws.config = cfgmod.validate(saved["resolved"], f"round {r['round_id']} config")
-    return RoundRun(ws, "round.resume", r["round_id"], max(saved.get("loop", {}).get("remaining", 1), 1))
+    return RoundRun(ws, "round.resume", r["round_id"], max(saved.get("loop", {}).get("remaining", 1), 1),
+                    sources=saved.get("sources", {}))
 
 
 def plan_round(ws: Workspace, args) -> RoundRun:
     """``prefloop round start|resume`` as parsed (``args.action``, and start's ``rounds``, ``recipe``,
     ``config``), from the terminal or forwarded to the app; raises NothingToResume."""
     if args.action == "start":
-        return start_round(ws, args.rounds, recipe=args.recipe, config=args.config)
+        return start_round(ws, args.rounds, recipe=args.recipe, config=args.config,
+                           settings=getattr(args, "set", None))
     return resume_round(ws)
 
 
-def load_overrides(recipe: str | None, config: Path | None, base: cfgmod.WorkspaceConfig | None = None) -> dict:
-    """The config overrides of a packaged recipe (by name) or of an override file (``--config``).
-
-    Both go through ``backend.recipes``: validated on load (an unknown key is named), the ``[recipe]``
-    metadata dropped, and the ``[tiny]`` table applied when the policy model of ``base`` (the workspace
-    config) is ``tiny``; on a real policy model a recipe also checks the models it needs are real.
-    """
+def resolve_config(ws: Workspace, recipe: str | None = None, config: Path | None = None,
+                   settings: list[str] | None = None) -> tuple[cfgmod.WorkspaceConfig, dict[str, str]]:
+    """The config these rounds run with, and the source of every value. Precedence, lowest first: the
+    defaults, the recipe, prefloop.toml (only the keys it sets), the ``--config`` file, ``--set``. A
+    recipe's ``[tiny]`` table applies on a tiny policy, and on a real policy every model the recipe needs
+    must be a real model. Everything is validated; an unknown key is named with its source."""
     from backend import recipes
 
-    if recipe:
-        loaded = recipes.load(recipe)
-    elif config is not None:
-        loaded = recipes.load_file(config, require_meta=False)
-    else:
-        return {}
-    return loaded.resolve(base or cfgmod.WorkspaceConfig())
+    file_values = cfgmod.explicit(cfgmod.load(ws.lay.config))
+    policy = file_values.get("policy", {}).get("model", cfgmod.PolicyConfig().model)
+    layers: list[tuple[str, dict]] = []
+    loaded = recipes.load(recipe) if recipe else None
+    if loaded is not None:
+        layers.append((f"recipe {loaded.name}", loaded.overrides_for(policy)))
+    layers.append((cfgmod.CONFIG_NAME, file_values))
+    if config is not None:
+        layers.append((f"--config {config}", recipes.load_file(config, require_meta=False).overrides_for(policy)))
+    if settings:
+        layers.append(("--set", parse_settings(settings)))
+    resolved, sources = cfgmod.resolve(layers)
+    if loaded is not None:
+        loaded.check_models(resolved)
+    return resolved, sources
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+def parse_settings(settings: list[str]) -> dict:
+    """``["train.beta=0.2", 'generation.views=["original"]']`` -> nested values (each VALUE read as TOML,
+    else as a string); a UsageError for an item without ``=``."""
+    import tomllib
+
+    out: dict = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.beta=0.2")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return out

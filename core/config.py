@@ -303,17 +303,21 @@ def dump(cfg: WorkspaceConfig) -> str:
 
 
 def _fill(container, model: BaseModel) -> None:
+    """Set fields as TOML values; fields left at their default as a commented line showing the default, so
+    that the file holds exactly what was chosen (a recipe's values apply wherever prefloop.toml is silent)."""
     fields = type(model).model_fields
     for name, info in fields.items():
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             continue
-        if value is None:
-            container.add(tomlkit.comment(f"{name} = (unset)  # {info.description or ''}"))
+        doc = (info.description or "").replace("\n", " ")
+        if name not in model.model_fields_set or value is None:
+            shown = "(unset)" if value is None else tomlkit.item(value).as_string()
+            container.add(tomlkit.comment(f"{name} = {shown}  # default. {doc}"))
             continue
         item = tomlkit.item(value)
-        if info.description:
-            item.comment(info.description.replace("\n", " "))
+        if doc:
+            item.comment(doc)
         container.add(name, item)
     for name, info in fields.items():
         value = getattr(model, name)
@@ -330,14 +334,56 @@ def save(cfg: WorkspaceConfig, path: Path) -> None:
 
 
 def update(cfg: WorkspaceConfig, changes: dict[str, Any]) -> WorkspaceConfig:
-    """A new validated config with dotted-key changes applied, e.g. {"train.beta": 0.2}."""
-    data = cfg.model_dump()
+    """A new validated config with dotted-key changes applied, e.g. {"train.beta": 0.2}. The keys ``cfg`` had
+    set stay set and the changed ones become set (``save`` writes only those)."""
+    data = cfg.model_dump(exclude_unset=True)
     for dotted, value in changes.items():
         node = data
         *parents, leaf = dotted.split(".")
+        model: Any = WorkspaceConfig
         for p in parents:
-            if not isinstance(node.get(p), dict):
+            field_info = model.model_fields.get(p) if model is not None else None
+            model = getattr(field_info, "annotation", None) if field_info else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
                 raise ConfigError(f"{CONFIG_NAME}: {dotted}: unknown key")
-            node = node[p]
+            node = node.setdefault(p, {})
         node[leaf] = value
     return validate(data)
+
+
+def explicit(cfg: WorkspaceConfig) -> dict[str, Any]:
+    """The values ``cfg`` was given (its TOML file's uncommented keys), nested by section."""
+    return cfg.model_dump(exclude_unset=True)
+
+
+def leaves(data: dict[str, Any], model: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
+    """``data`` (nested by section) flattened to dotted keys; a dict-valued setting stays one leaf."""
+    model = model or WorkspaceConfig
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        info = model.model_fields.get(key)
+        sub = getattr(info, "annotation", None)
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            out.update(leaves(value, sub, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resolve(layers: list[tuple[str, dict[str, Any]]]) -> tuple[WorkspaceConfig, dict[str, str]]:
+    """The config from the defaults and ``layers`` (label, nested values), each laid over the ones before
+    it, validated; and the source of every setting: "default" or the label of the last layer that set it."""
+    data: dict[str, Any] = {}
+    sources = dict.fromkeys(leaves(WorkspaceConfig().model_dump()), "default")
+    for label, values in layers:
+        data = _merge(data, values)
+        for key in leaves(values):
+            sources[key] = label
+    return validate(data, " + ".join(label for label, values in layers if values) or CONFIG_NAME), sources
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out

@@ -233,6 +233,20 @@ def make_ws(root: Path, tiny_model_dir: Path, *, model: str = "tiny", data: Path
     return ws
 
 
+def unset(ws: Path, *keys: str) -> None:
+    """Remove dotted ``keys`` from the workspace's prefloop.toml (they fall back to a recipe's or the default)."""
+    from core import config as cfgmod
+
+    data = cfgmod.explicit(cfgmod.load(ws / "prefloop.toml"))
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    cfgmod.save(cfgmod.validate(data), ws / "prefloop.toml")
+
+
 def q(ws: Path, sql: str, params=None):
     """Rows of ``sql`` on the workspace database, through a read-only connection."""
     import duckdb

@@ -14,7 +14,7 @@ from backend.launch import resolve_num_processes
 from core import config as cfgmod
 from core.errors import ConfigError, UsageError
 from tests.fakes.gemini_server import METRICS, FakeGemini
-from tests.helpers import REPO, make_ws, q
+from tests.helpers import REPO, ROUND_CONFIG, make_ws, q, unset
 
 REAL = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 
@@ -158,9 +158,17 @@ def _round_one_done(ws):
     assert q(ws, "SELECT count(*) FROM evals WHERE round_id = 1")[0][0] == 1
 
 
+def _recipe_ws(tmp_path, tiny_model_dir, name: str, **changes):
+    """make_ws's workspace minus the small-round keys the recipe sets: prefloop.toml wins over a recipe, so
+    those keys are left to the recipe (and its [tiny] table) as a user would."""
+    ws = make_ws(tmp_path, tiny_model_dir, **changes)
+    unset(ws, *(set(cfgmod.leaves(recipes.load(name).overrides_for("tiny"))) & set(ROUND_CONFIG)))
+    return ws
+
+
 @pytest.mark.slow
 def test_seva_one_round_on_tiny(tmp_path, tiny_model_dir):
-    ws = make_ws(tmp_path, tiny_model_dir)
+    ws = _recipe_ws(tmp_path, tiny_model_dir, "seva")
     assert cli_main(["round", "start", "-w", str(ws), "--recipe", "seva", "--rounds", "1", "--quiet"]) == 0
     _round_one_done(ws)
     views = q(ws, "SELECT origin, view, count(*) FROM candidates WHERE round_id = 1 AND origin <> 'eval' "
@@ -187,7 +195,8 @@ def test_gemini_rubric_one_round_on_tiny(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", key)
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
     with FakeGemini(api_key=key, scorer=_spread_scores) as fake:
-        ws = make_ws(tmp_path, tiny_model_dir, **{"judges.gemini.base_url": fake.url, "judges.gemini.backoff_s": 0.05})
+        ws = _recipe_ws(tmp_path, tiny_model_dir, "gemini_rubric",
+                        **{"judges.gemini.base_url": fake.url, "judges.gemini.backoff_s": 0.05})
         assert cli_main(["round", "start", "-w", str(ws), "--recipe", "gemini_rubric", "--rounds", "1",
                          "--quiet"]) == 0
         sent = fake.requests
@@ -210,7 +219,7 @@ def test_ov_chat_one_round_on_tiny_with_human_labels(tmp_path, tiny_model_dir):
     from storage import prompts
     from storage.workspace import open_workspace
 
-    ws = make_ws(tmp_path, tiny_model_dir, **{"review.required": "required", "review.quota": 2})
+    ws = _recipe_ws(tmp_path, tiny_model_dir, "ov_chat", **{"review.required": "required", "review.quota": 2})
     assert cli_main(["round", "start", "-w", str(ws), "--recipe", "ov_chat", "--rounds", "1", "--quiet"]) == 0
     assert q(ws, "SELECT status, step FROM rounds WHERE round_id = 1") == [("waiting_review", "review")]
     # critic pairwise over all K(K-1) = 20 ordered pairs of each prompt's 5 candidates

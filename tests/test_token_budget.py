@@ -4,13 +4,10 @@ whose pairs all exceed train.max_length stops at the pairs step naming the setti
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from backend import dpo, models
 from backend.token_budget import Measurer
-from core.config import TrainConfig
 from core.trl_format import trl_row
 from tests.helpers import make_image, make_pairs, make_run, of, review_workspace, run_job
 

@@ -56,7 +56,7 @@ def test_status_says_which_torch_build_is_installed(tmp_path):
 def test_config_error_names_key_and_allowed_values(tmp_path):
     ws = init_workspace(tmp_path / "w")
     ws.close()
-    text = (tmp_path / "w" / "prefloop.toml").read_text().replace('engine = "hf"', 'engine = "trt"', 1)
+    text = (tmp_path / "w" / "prefloop.toml").read_text().replace('# engine = "hf"', 'engine = "trt"', 1)
     (tmp_path / "w" / "prefloop.toml").write_text(text)
     with pytest.raises(ConfigError) as e:
         cfgmod.load(tmp_path / "w" / "prefloop.toml")

@@ -17,9 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("start", help="train N rounds from where the current round stands, then stop at the "
                                      "next round's review")
     s.add_argument("--rounds", type=int, default=1, help="rounds to train (default 1)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--recipe", help="a packaged recipe by name (backend/recipes/NAME.toml)")
-    g.add_argument("--config", type=Path, help="a TOML file of config overrides for these rounds")
+    s.add_argument("--recipe", help="a packaged recipe by name (backend/recipes/NAME.toml); what prefloop.toml "
+                                    "sets wins over it")
+    s.add_argument("--config", type=Path, help="a TOML file of config overrides for these rounds (wins over "
+                                               "prefloop.toml)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="one setting for these rounds, wins over everything (repeatable), e.g. --set "
+                        "train.num_processes=2; the round's saved config says where each value came from")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     r = sub.add_parser("resume", help="continue after a crash, a cancel or a review gate")
     r.add_argument("--quiet", action="store_true", help="no progress output")
@@ -70,6 +74,7 @@ def _status(ws, as_json: bool) -> int:
             "promoted": r["promoted"], "promote_reason": r["promote_reason"], "error": r["error"],
             "steps": [{"step": s["step"], "status": s["status"], "error": s["error"]} for s in steps],
             "evals": [{k: e[k] for k in ("judge", "wins", "losses", "ties", "n")} for e in rounds.list_evals(cur, r["round_id"])],
+            "config_sources": _chosen(r["config"]),
         })
     if as_json:
         print(json.dumps(data, indent=2, default=str))
@@ -83,4 +88,17 @@ def _status(ws, as_json: bool) -> int:
             print(f"           eval by {e['judge']}: {e['wins']} wins, {e['losses']} losses, {e['ties']} ties of {e['n']}")
         if d["error"]:
             print(f"           error: {d['error']}")
+        if d["config_sources"]:
+            print("           config: " + ", ".join(f"{k} = {json.dumps(v['value'])} ({v['source']})"
+                                                    for k, v in d["config_sources"].items()))
     return 0
+
+
+def _chosen(saved: str | None) -> dict:
+    """The round's settings that did not come from the defaults: key -> {value, source}."""
+    from core.config import leaves
+
+    saved_config = json.loads(saved) if saved else {}
+    values = leaves(saved_config.get("resolved", {}))
+    return {k: {"value": values.get(k), "source": src}
+            for k, src in sorted(saved_config.get("sources", {}).items()) if src != "default"}

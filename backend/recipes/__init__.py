@@ -95,7 +95,11 @@ class Recipe:
         """The overrides for the workspace config ``base``, checked: the result validates, and on a real
         policy model every model the recipe needs is set to a real model too."""
         over = self.overrides_for(base.policy.model)
-        resolved = cfgmod.validate(merge(base.model_dump(), over), self.source)
+        self.check_models(cfgmod.validate(merge(base.model_dump(), over), self.source))
+        return over
+
+    def check_models(self, resolved: cfgmod.WorkspaceConfig) -> None:
+        """On a real policy model, a ConfigError when a model the recipe needs is still a built-in one."""
         if resolved.policy.model not in BUILTIN_MODELS and self.meta is not None:
             for key in self.meta.models:
                 value = _get(resolved.model_dump(), key)
@@ -104,7 +108,6 @@ class Recipe:
                         f"recipe {self.name} runs policy {resolved.policy.model!r} but {key} is the built-in "
                         f"{value!r}: set {key} in prefloop.toml to a real model (see the comment at the top "
                         f"of {self.path})")
-        return over
 
     @property
     def source(self) -> str:
