@@ -5,9 +5,10 @@ Three modes, entries of the plain registry ``MODES`` (``judges.critic.mode`` in 
 
 - ``pointwise``: one request per candidate with the LLaVA-Critic pointwise prompt; the critic reasons
   and scores out of 100. score = the parsed 0-100 value, overall = score / 100.
-- ``pairwise``: one request per ordered pair (i, j), i != j: all K(K-1) of them, so every pair is asked
-  in both orders (the OV-Chat recipe). With a_ij = 1 when i beat j in a comparison,
-  r_i = sum_k a_ik - sum_l a_li (wins minus losses; ties and unparseable replies count for nobody).
+- ``pairwise``: one request per ordered pair (i, j), i != j, with the LLaVA-Critic pairwise prompt: all
+  K(K-1) of them, so every pair is asked in both orders (the OV-Chat recipe). With a_ij = 1 when i beat
+  j in a comparison, r_i = sum_k a_ik - sum_l a_li (wins minus losses; ties and unparseable replies
+  count for nobody).
   A critic with pure position bias (always "first") gives every r_i = 0. score = r_i; overall =
   (r_i + m_i) / (2 m_i) = (wins + ties / 2) / m_i, where m_i is the number of valid comparisons that
   involve i (2(K-1) when all parse), so overall stays in 0-1.
@@ -16,13 +17,22 @@ Three modes, entries of the plain registry ``MODES`` (``judges.critic.mode`` in 
   five parse, ``ok`` with NULLs for the missing ones when some parse (overall is then NULL unless
   helpfulness, correctness and coherence all parsed), ``invalid`` when none parse.
 
-Templates live in ``annotators/templates/critic_<mode>_v1.txt``; the judge version stored with each
-judgment is ``<mode>-v1`` (rubric: ``rubric-v1+<rubric.TEMPLATE_VERSION>``), so modes and template
-revisions never collide. The critic's model runs as a job subprocess (``backend.jobs.critic``, through
-the same engine interface as the policy, greedy) that the judge step starts and plugs in as
-``hooks.run_model``; this module only builds the requests and turns the raw replies into Verdicts. A
-reply that does not parse makes that candidate ``invalid`` with the raw reply kept; nothing here
-raises for a bad reply.
+The pointwise and pairwise prompts are LLaVA-Critic's as it was trained (the ``lmms-lab/llava-critic-7b``
+model card's quick start): the instruction, ``Question: [..]``, the response(s) in brackets and a final
+``ASSISTANT:`` line inside the user turn; the critic model's own chat template then wraps that turn (image
+first) and opens the assistant turn, as the card's ``qwen_1_5`` conversation does. One deviation: the
+card's pointwise line reads "the quality of answer answers", a doubled word; ours reads "the quality of
+the answer". Its replies reason first and conclude last, so ``judges.critic.max_new_tokens`` must leave
+room for the reasoning (default 1024; the card's example allows 4096).
+
+Templates live in ``annotators/templates/critic_<mode>_<version>.txt`` (``TEMPLATE_VERSIONS``); the judge
+version stored with each judgment is ``<mode>-<version>`` (rubric: ``rubric-v1+<rubric.TEMPLATE_VERSION>``),
+so modes and template revisions never collide (v1 of pointwise and pairwise was our own wording).
+
+The critic's model runs as a job subprocess (``backend.jobs.critic``, through the same engine interface
+as the policy, greedy) that the judge step starts and plugs in as ``hooks.run_model``; this module only
+builds the requests and turns the raw replies into Verdicts. A reply that does not parse makes that
+candidate ``invalid`` with the raw reply kept; nothing here raises for a bad reply.
 """
 
 from __future__ import annotations
@@ -50,7 +60,8 @@ from core.errors import UsageError
 log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-TEMPLATE_VERSION = "v1"
+TEMPLATE_VERSIONS: dict[str, str] = {"pointwise": "v2", "pairwise": "v2", "rubric": "v1"}
+"""The current template revision per mode; a new wording gets a new file and a new version."""
 NAME = "critic"
 
 
@@ -73,7 +84,7 @@ CriticReply = ModelReply
 # ---------------------------------------------------------------------------------------------- templates
 
 def template_path(mode: str) -> Path:
-    return TEMPLATE_DIR / f"critic_{mode}_{TEMPLATE_VERSION}.txt"
+    return TEMPLATE_DIR / f"critic_{mode}_{TEMPLATE_VERSIONS[mode]}.txt"
 
 
 def load_template(mode: str) -> str:
@@ -91,8 +102,8 @@ def helpsteer_guide() -> str:
 
 
 def judge_version(mode: str) -> str:
-    """The judge_version stored with a mode's judgments, e.g. ``pointwise-v1``."""
-    base = f"{mode}-{TEMPLATE_VERSION}"
+    """The judge_version stored with a mode's judgments, e.g. ``pointwise-v2``."""
+    base = f"{mode}-{TEMPLATE_VERSIONS[mode]}"
     return f"{base}+{rubric.TEMPLATE_VERSION}" if mode == "rubric" else base
 
 
@@ -262,6 +273,7 @@ MODES: dict[str, CriticMode] = {
     "rubric": CriticMode(_per_candidate("rubric"), _aggregate_rubric,
                          "five HelpSteer metrics 0-4 per candidate (the Gemini guide)"),
 }
+assert set(MODES) == set(TEMPLATE_VERSIONS)
 
 
 def build_requests(items: Sequence[JudgeItem], mode: str) -> list[CriticRequest]:

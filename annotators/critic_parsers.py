@@ -130,13 +130,14 @@ _NOUN = r"(?:response|answer|output|assistant|model|option|candidate|reply)"
 _ID = r"(?:\(?\s*(?:1|2|a|b|one|two)\s*\)?)"
 _BETTER = r"(?:better|superior|preferred|preferable|stronger|more\s+(?:accurate|helpful|correct|detailed)|wins?)"
 _WORSE = r"(?:worse|inferior|weaker|less\s+(?:accurate|helpful|correct))"
-_VERB = r"(?:is|was|seems|appears|would\s+be|'s)?\s*(?:\w+\s+)?"
+# an aside between the subject and the verb ("the second response, however, is better") is skipped
+_VERB = r"(?:,\s*\w+(?:\s+\w+){0,2},\s*)?(?:is|was|seems|appears|would\s+be|'s)?\s*(?:\w+\s+)?"
 _PAIR_PATTERNS: list[tuple[re.Pattern, bool]] = [
     # "Response 1 is better", "Answer (B) is more accurate", "the second response is better"
     (re.compile(rf"\b{_NOUN}\s*({_ID})\s*{_VERB}{_BETTER}\b", re.IGNORECASE), False),
-    (re.compile(rf"\b(?:the\s+)?(first|second|former|latter)\s+(?:{_NOUN}\s+|one\s+)?{_VERB}{_BETTER}\b", re.IGNORECASE), False),
+    (re.compile(rf"\b(?:the\s+)?(first|second|former|latter)\s+(?:{_NOUN}\s*|one\s*)?{_VERB}{_BETTER}\b", re.IGNORECASE), False),
     (re.compile(rf"\b{_NOUN}\s*({_ID})\s*{_VERB}{_WORSE}\b", re.IGNORECASE), True),
-    (re.compile(rf"\b(?:the\s+)?(first|second|former|latter)\s+(?:{_NOUN}\s+|one\s+)?{_VERB}{_WORSE}\b", re.IGNORECASE), True),
+    (re.compile(rf"\b(?:the\s+)?(first|second|former|latter)\s+(?:{_NOUN}\s*|one\s*)?{_VERB}{_WORSE}\b", re.IGNORECASE), True),
     # "the better response is Response 2", "better answer: A", "winner: first", "I prefer answer 2"
     (re.compile(rf"\b(?:better|best|preferred|winning)\s+(?:{_NOUN}|one)?\s*(?:is|:|=|-)\s*(?:the\s+)?"
                 rf"(?:{_NOUN}\s*)?({_ID}|first|second)\b", re.IGNORECASE), False),

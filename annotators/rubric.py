@@ -1,11 +1,22 @@
 """The HelpSteer rubric: labelling guide, prompt, reply schema and reply parser.
 
-Five attributes from NVIDIA's HelpSteer dataset (Wang et al. 2023), each an integer 0-4, used as a
-granular judge rubric for vision-language answers (Li, Lin, Pei 2024): all candidates of a prompt are
-rated in one reply, reasoning first, then the scores. Shared by the Gemini judge and the local
-critic's rubric mode. ``TEMPLATE_VERSION`` names this exact wording; change it whenever the guide,
-the prompt or the schema changes, so cached replies and stored judgments of the old wording stay
-apart from the new.
+Five attributes from NVIDIA's HelpSteer dataset (Wang et al. 2023, arXiv:2311.09528, and the
+``nvidia/HelpSteer`` dataset card), each an integer 0-4, used as a granular judge rubric for
+vision-language answers as Li, Lin and Pei (2024, arXiv:2402.10884) did: Gemini read HelpSteer's
+labelling guide, rated all candidates of a prompt in one call and, prompted for zero-shot chain of
+thought, wrote "the reasoning for rating each response, an inner calibration monologue, and ratings".
+
+What HelpSteer publishes about its attributes is one definition each (helpfulness overall; correctness
+as every relevant fact, stated without error; coherence as consistent, clear expression; complexity as
+the depth of thought needed to write the response, from basic language skills to domain expertise;
+verbosity as the amount of detail relative to what the prompt asks for), each rated 0-4, every response
+on its own. ``RUBRIC`` restates those definitions in our own words for an answer about an image and
+spells out five levels per attribute along each definition's own axis (the level wording is ours:
+the guide given to HelpSteer's annotators is not published). The reply is structured JSON with
+``reasoning`` before ``ratings``, so the model reasons, calibrates across the candidates, and only then
+scores. Shared by the Gemini judge and the local critic's rubric mode. ``TEMPLATE_VERSION`` names this
+exact wording; change it whenever the guide, the prompt or the schema changes, so cached replies and
+stored judgments of the old wording stay apart from the new.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from annotators.base import METRICS
 
-TEMPLATE_VERSION = "helpsteer-v1"
+TEMPLATE_VERSION = "helpsteer-v2"
 
 SCORE_MIN, SCORE_MAX = 0, 4
 
@@ -35,62 +46,60 @@ class Metric:
     """what a 0, 1, 2, 3 and 4 look like"""
 
 
-# The HelpSteer definitions, written out for a rater looking at an image and a question.
+# HelpSteer's five published attribute definitions (dataset card and arXiv:2311.09528, Sec. 2), restated
+# in our own words for an answer about an image; the five levels run along each definition's axis.
 RUBRIC: dict[str, Metric] = {
     "helpfulness": Metric(
         "helpfulness",
-        "How useful the answer is, all things considered, to the person who asked this question "
-        "about this image. It sums up the others: an answer that is wrong about the image, hard to "
-        "follow or far too long cannot be very helpful.",
-        ("Useless: ignores or refuses the question, or is wrong in a way that would mislead.",
-         "Barely helpful: touches the question but misses what was asked or gets the key point wrong.",
-         "Partly helpful: answers some of the question, with gaps or errors that matter.",
-         "Mostly helpful: answers the question well, with small gaps or small errors.",
-         "Fully helpful: answers exactly what was asked, correctly and usefully."),
+        "How much the answer, taken as a whole, does for the person who asked this question about this "
+        "image.",
+        ("Not helpful: it ignores or refuses the question, or would mislead the person who asked.",
+         "Slightly helpful: it touches the question but misses what was asked or gets the key point wrong.",
+         "Partly helpful: it answers part of the question, with gaps or mistakes that matter.",
+         "Mostly helpful: it answers the question well, apart from small gaps or slips.",
+         "Fully helpful: it gives the person exactly what they asked for, correctly and usefully."),
     ),
     "correctness": Metric(
         "correctness",
-        "Whether the answer states every fact that matters for the question, and states them without "
-        "errors. Check each claim against the image: objects, counts, colours, text, positions and "
-        "relations that are not in the image are errors (hallucinations), as are wrong facts about "
-        "the world.",
-        ("Wrong throughout, or made up: the main claims do not match the image.",
-         "Mostly wrong: a few true statements among errors, or the main claim is wrong.",
-         "Partly correct: the main claim is right, but there are clear errors or an important omission.",
-         "Mostly correct: no error that matters, but a minor slip or a missing relevant detail.",
-         "Completely correct: every claim is supported by the image or true, and nothing that matters is missing."),
+        "Whether the answer contains every fact the question calls for, and whether each fact it states is "
+        "true. Check every claim against the image: objects, counts, colours, text, positions or relations "
+        "that the image does not show are errors (hallucinations), as are false statements about the world.",
+        ("Wrong throughout or invented: its main claims do not match the image.",
+         "Mostly wrong: a few true statements among errors, or the central claim is false.",
+         "Partly correct: the central claim holds, but there are clear errors or a relevant fact is missing.",
+         "Mostly correct: no error that matters, but a small slip or a minor missing detail.",
+         "Fully correct: every claim is supported by the image or true, and no relevant fact is left out."),
     ),
     "coherence": Metric(
         "coherence",
-        "How clear and consistent the writing is: whether it reads as one logical whole, without "
-        "contradicting itself, repeating itself, changing the subject or breaking off.",
-        ("Incoherent: cannot be followed, or garbled, repeated or broken text.",
-         "Mostly unclear: contradictions or jumps that make it hard to follow.",
-         "Somewhat clear: can be followed with effort; some confusing or repetitive parts.",
+        "How clearly the answer is expressed and how consistent it is with itself: does it read as one "
+        "logical whole, without contradicting itself, repeating itself, drifting off topic or breaking off?",
+        ("Incoherent: it cannot be followed (garbled, looping or broken text).",
+         "Mostly unclear: contradictions or jumps make it hard to follow.",
+         "Somewhat clear: it can be followed with effort; parts are confusing or repetitive.",
          "Mostly clear: easy to follow, with a small awkward or repetitive passage.",
          "Perfectly clear and consistent from start to end."),
     ),
     "complexity": Metric(
         "complexity",
-        "How much knowledge and thought it would take to write this answer: could anyone who can read "
-        "and write produce it, or does it take the expertise of a specialist? This describes the "
-        "answer; it is not a grade, and a simple answer to a simple question is fine.",
-        ("Basic: a few words or a very simple sentence anyone could write.",
-         "Simple: plain everyday language, what a young pupil could write.",
-         "Moderate: needs some schooling, like a high-school answer.",
-         "Advanced: needs university-level knowledge or careful reasoning.",
-         "Expert: needs deep knowledge of a specialist field."),
+        "How much knowledge and depth of thought it takes to write this answer, from something anyone "
+        "with basic reading and writing could produce to something only a specialist could. It describes "
+        "the answer, it is not a grade: a plain answer to a plain question is fine.",
+        ("Basic: a few words or one simple sentence that anyone could write.",
+         "Simple: everyday language that a young pupil could write.",
+         "Intermediate: it takes some general education, about secondary school level.",
+         "Advanced: it takes university-level knowledge or careful reasoning in several steps.",
+         "Expert: it takes deep knowledge of a specialist field."),
     ),
     "verbosity": Metric(
         "verbosity",
-        "How much detail the answer gives compared with what the question asks for. This describes "
-        "the answer; it is not a grade: 2 means about as long as needed, below is terser, above is "
-        "more elaborate.",
-        ("Far too short: a word or fragment where an explanation was needed.",
-         "Terse: shorter than the question calls for.",
-         "About right: as much detail as the question asks for.",
-         "Detailed: more detail than asked for.",
-         "Far too long: much more than asked, with digressions or padding."),
+        "How much detail the answer gives, measured against how much the question asks for. It describes "
+        "the answer, it is not a grade: 2 gives about what was asked, lower is sparer, higher is fuller.",
+        ("Minimal: a word or a fragment, far less detail than the question invites.",
+         "Brief: less detail than the question asks for.",
+         "Matched: about as much detail as the question asks for.",
+         "Expansive: more detail than the question asks for.",
+         "Exhaustive: far more than was asked, with digressions or padding."),
     ),
 }
 assert tuple(RUBRIC) == METRICS
@@ -100,10 +109,10 @@ def labelling_guide() -> str:
     """The guide a rater (Gemini, the critic, or a person) reads before rating."""
     parts = [
         "You are an expert annotator rating answers to a question about an image.",
-        ("Look at the image carefully, read the question, then rate every candidate answer on five "
-         "attributes, each an integer from 0 to 4. Rate each answer on its own merits against the image "
-         "and the question; several answers may get the same score. Do not favour an answer because of "
-         "its position or its length."),
+        ("Look at the image carefully and read the question, then rate every candidate answer on the five "
+         "attributes below, each an integer from 0 to 4. Rate each answer on its own merits against the "
+         "image and the question; several answers may get the same score. Do not favour an answer because "
+         "of its position or its length."),
         "",
     ]
     for m in RUBRIC.values():
@@ -112,9 +121,12 @@ def labelling_guide() -> str:
         parts.extend(f"- {i}: {text}" for i, text in enumerate(m.levels))
         parts.append("")
     parts.append(
-        "Reply with JSON only. First write `reasoning`: for each candidate, what it gets right and wrong "
-        "about the image and the question. Then `ratings`: exactly one entry per candidate, with "
-        "`candidate` (its number) and the five scores."
+        "Reply with JSON only, and think step by step before you score. First write `reasoning`: for each "
+        "candidate in turn, what it gets right and wrong about the image and the question, attribute by "
+        "attribute; then compare the candidates with one another and check that the scores you are about "
+        "to give keep the same order and distance as the differences you found (calibrate them). Only "
+        "then write `ratings`: exactly one entry per candidate, with `candidate` (its number) and the five "
+        "scores."
     )
     return "\n".join(parts)
 
@@ -135,7 +147,11 @@ def build_user_prompt(question: str, candidates: Sequence[str]) -> str:
 
 
 def response_json_schema(k: int) -> dict:
-    """JSON schema of the reply (``reasoning`` before ``ratings``, so the model reasons first)."""
+    """JSON schema of the reply: ``reasoning`` before ``ratings``, so the model reasons first.
+
+    Gemini writes the properties in the order the schema lists them (both in ``properties`` and in
+    ``required``), so the reasoning and its calibration come before any score.
+    """
     score = {"type": "integer", "minimum": SCORE_MIN, "maximum": SCORE_MAX}
     rating = {
         "type": "object",
@@ -143,10 +159,12 @@ def response_json_schema(k: int) -> dict:
                        **{m: dict(score) for m in METRICS}},
         "required": ["candidate", *METRICS],
     }
+    reasoning = {"type": "string", "description": "each candidate attribute by attribute, then a calibration "
+                                                  "of the scores across the candidates"}
     return {
         "type": "object",
         "properties": {
-            "reasoning": {"type": "string"},
+            "reasoning": reasoning,
             "ratings": {"type": "array", "items": rating, "minItems": k, "maxItems": k},
         },
         "required": ["reasoning", "ratings"],

@@ -2,9 +2,16 @@
 
 A view spec names what the policy looks at: ``original``, or ``aug:NAME[:ARG...]`` for an entry of
 ``AUGMENTATIONS`` (e.g. ``aug:flip``, ``aug:crop``, ``aug:autoaugment``, ``aug:moco``,
-``aug:diffusion:500``). ``apply_view(parse_view(spec), image, seed)`` gives the augmented image and a
+``aug:diffusion:800``). ``apply_view(parse_view(spec), image, seed)`` gives the augmented image and a
 JSON-able record ``{"name", "params", "seed"}`` kept with the candidate. Each augmentation is
-deterministic for a seed and keeps the image's size and mode.
+deterministic for a seed and keeps the image's mode and size, except that ``diffusion`` works at the
+resolution of the policy's image processor (``PixelSpace``; ``backend.noise_space`` builds it).
+
+``diffusion`` is SeVa's noise as its code adds it (``add_diffusion_noise`` in SeVa's
+``data/step2/generate_with_aug.py``, copied from VCD): x_T = sqrt(abar_T) x + sqrt(1 - abar_T) eps with
+VCD's sigmoid beta schedule, on the processor-normalised tensor x. The view is that tensor de-normalised
+to an RGB image, so values outside [0, 255] are clipped and the rest rounded to uint8 (SeVa passes the
+float tensor on): on photos at T = 800 about 3-4% of the values clip.
 """
 
 from __future__ import annotations
@@ -177,25 +184,66 @@ def moco(img: Image.Image, rng: Rng) -> Image.Image:
     return img
 
 
-# ---- diffusion noise ---------------------------------------------------------------------------
+# ---- diffusion noise (SeVa's, from VCD's vcd_utils/vcd_add_noise.py) ----------------------------
 
 DIFFUSION_STEPS = 1000
-_BETAS = np.linspace(1e-4, 0.02, DIFFUSION_STEPS, dtype=np.float64)
-_ALPHA_BAR = np.concatenate([[1.0], np.cumprod(1.0 - _BETAS)])  # _ALPHA_BAR[T]: after T steps
+_BETAS = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, DIFFUSION_STEPS))) * (0.5e-2 - 1e-5) + 1e-5
+ALPHA_BAR = np.cumprod(1.0 - _BETAS)
+"""VCD's ``alphas_prod``: sigmoid betas from 1e-5 to 5e-3 over 1000 steps; ``ALPHA_BAR[T]`` is the product
+over steps 0..T, indexed by T as VCD and SeVa index it (so T = 0 already adds a little noise)."""
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def diffusion(img: Image.Image, rng: Rng, T: int = 500) -> Image.Image:
-    """Forward diffusion to step T: x_T = sqrt(abar_T) x_0 + sqrt(1 - abar_T) eps, x in [-1, 1]."""
-    x0 = np.asarray(img, dtype=np.float64) / 127.5 - 1.0
-    abar = _ALPHA_BAR[T]
-    xt = math.sqrt(abar) * x0 + math.sqrt(1.0 - abar) * rng.standard_normal(x0.shape)
-    out = np.clip(np.rint((xt + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    return Image.fromarray(out)
+def kept_signal(T: int) -> float:
+    """sqrt(ALPHA_BAR[T]): the weight of the clean normalised image in the T-step view (SeVa: 0.863 at 500,
+    0.467 at 800)."""
+    return math.sqrt(ALPHA_BAR[T])
+
+
+def noise_weight(T: int) -> float:
+    """sqrt(1 - ALPHA_BAR[T]): the weight of the standard normal noise in the T-step view."""
+    return math.sqrt(1.0 - ALPHA_BAR[T])
+
+
+@dataclass(frozen=True)
+class PixelSpace:
+    """Where SeVa adds its noise: the policy's image-processor tensor, i.e. pixels scaled to [0, 1] and
+    normalised per channel, at the resolution the processor resamples the image to (LLaVA-1.5: CLIP mean
+    and std, 336 px). ``backend.noise_space`` builds it from the policy's processor; the default is CLIP's
+    normalisation at the image's own size."""
+
+    mean: tuple[float, ...] = CLIP_MEAN
+    """Per-channel mean of the normalisation (the processor's ``image_mean``)."""
+    std: tuple[float, ...] = CLIP_STD
+    """Per-channel standard deviation (``image_std``)."""
+    resize: Callable[[Image.Image], Image.Image] | None = None
+    """The processor's own resampling, applied to the image before the noise so that each noise value lands
+    on one element of the tensor the model sees; the view keeps that size. None: the image's own size."""
+
+    def normalise(self, img: Image.Image) -> np.ndarray:
+        """The (H, W, 3) normalised tensor of an image, as the processor computes it."""
+        rgb = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+        return (rgb - np.asarray(self.mean)) / np.asarray(self.std)
+
+    def to_image(self, x: np.ndarray) -> Image.Image:
+        """The RGB image whose normalised tensor is ``x``, up to uint8 rounding and clipping to [0, 255]."""
+        pixels = (x * np.asarray(self.std) + np.asarray(self.mean)) * 255.0
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def diffusion(img: Image.Image, rng: Rng, T: int = 500, space: PixelSpace | None = None) -> Image.Image:
+    """SeVa's view (VCD's ``add_diffusion_noise``): x_T = sqrt(abar_T) x + sqrt(1 - abar_T) eps on the
+    normalised tensor x, eps ~ N(0, 1) per element; returned as an image (rounded, clipped)."""
+    space = space or PixelSpace()
+    x = space.normalise(img)
+    return space.to_image(kept_signal(T) * x + noise_weight(T) * rng.standard_normal(x.shape))
 
 
 def _check_T(T: int) -> None:
-    if not 0 <= T <= DIFFUSION_STEPS:
-        raise ValueError(f"T must be between 0 and {DIFFUSION_STEPS}")
+    if not 0 <= T < DIFFUSION_STEPS:
+        raise ValueError(f"T must be between 0 and {DIFFUSION_STEPS - 1}")
 
 
 # ---- the registry ------------------------------------------------------------------------------
@@ -214,6 +262,8 @@ class Augmentation:
     """fn(image, rng, **params) -> image (RGB or L in, same size and mode out)."""
     doc: str
     params: tuple[Param, ...] = ()
+    in_pixel_space: bool = False
+    """fn also takes ``space=`` (a PixelSpace) and gets the image already resized by ``space.resize``."""
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {
@@ -224,8 +274,9 @@ AUGMENTATIONS: dict[str, Augmentation] = {
                          "RandomResizedCrop, scale 0.08-1, ratio 3/4-4/3, resized to the original size"),
     "autoaugment": Augmentation(autoaugment, "AutoAugment, ImageNet policy (25 sub-policies)"),
     "moco": Augmentation(moco, "MoCo v2: crop 0.2-1, colour jitter, grayscale, Gaussian blur, flip"),
-    "diffusion": Augmentation(diffusion, "forward-diffusion noise after T of 1000 steps (linear betas)",
-                              (Param("T", int, 500, _check_T),)),
+    "diffusion": Augmentation(diffusion, "SeVa's diffusion noise at step T of 0-999 (VCD's sigmoid betas) on "
+                              "the policy's normalised image tensor", (Param("T", int, 500, _check_T),),
+                              in_pixel_space=True),
 }
 
 
@@ -249,7 +300,7 @@ class View:
 def _bad(spec: str, why: str) -> UsageError:
     names = ", ".join(f"aug:{n}" for n in AUGMENTATIONS)
     return UsageError(f"bad view {spec!r}: {why}; views are `original` or one of: {names} "
-                      "(diffusion takes T, e.g. aug:diffusion:500)")
+                      "(diffusion takes the step T, 0-999, e.g. aug:diffusion:800)")
 
 
 def parse_view(spec: str) -> View:
@@ -280,15 +331,23 @@ def parse_view(spec: str) -> View:
     return View(name, params)
 
 
-def apply_view(view: View, image: Image.Image, seed: int) -> tuple[Image.Image, dict | None]:
-    """The image as the view shows it, and the record to store (None for the original view)."""
+def apply_view(view: View, image: Image.Image, seed: int,
+               space: PixelSpace | None = None) -> tuple[Image.Image, dict | None]:
+    """The image as the view shows it, and the record to store (None for the original view). ``space``: the
+    policy's PixelSpace, used by the views that work in it (diffusion); CLIP's at native size when None."""
     if view.is_original:
         return image, None
     rng = np.random.default_rng(seed)
     mode = image.mode
     work = image if mode in ("RGB", "L") else image.convert("RGB")
-    out = AUGMENTATIONS[view.name].fn(work, rng, **view.params)
+    aug = AUGMENTATIONS[view.name]
+    if aug.in_pixel_space:
+        space = space or PixelSpace()
+        work = space.resize(work) if space.resize else work
+        out = aug.fn(work, rng, space=space, **view.params)
+    else:
+        out = aug.fn(work, rng, **view.params)
     if out.mode != mode:
         out = out.convert(mode)
-    assert out.size == image.size, (view, out.size, image.size)
+    assert out.size == work.size, (view, out.size, work.size)
     return out, {"name": view.name, "params": dict(view.params), "seed": int(seed)}

@@ -88,6 +88,8 @@ def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str,
         output_dir=str(output_dir),
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
         num_train_epochs=train.epochs,
         max_steps=max_steps,
         learning_rate=train.learning_rate,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from core.config import TrainConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, UsageError
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -72,7 +72,32 @@ def resolve_train(train: TrainConfig, visible: int | None = None) -> TrainConfig
     """``train`` with ``num_processes`` resolved (``resolve_num_processes``); ``visible``: the GPUs seen,
     counted here when None."""
     n = resolve_num_processes(train, visible_gpus() if visible is None else visible)
-    return train.model_copy(update={"num_processes": n})
+    return train.model_copy(update={"num_processes": n, "grad_accum": resolve_grad_accum(train, n)})
+
+
+def hostfile_hosts(hostfile: str | None) -> int:
+    """Hosts in an MPI-style hostfile (``host slots=N`` lines; comments and blank lines skipped), 1 without."""
+    if not hostfile:
+        return 1
+    try:
+        lines = Path(hostfile).expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise UsageError(f"train.hostfile {hostfile}: cannot read it ({err.strerror})") from None
+    return max(1, sum(1 for line in lines if line.split("#", 1)[0].strip()))
+
+
+def resolve_grad_accum(train: TrainConfig, processes: int) -> int:
+    """``train.grad_accum``, or global_batch / (batch_size x ranks) when ``train.global_batch`` is set; a
+    UsageError naming the numbers when it does not divide evenly."""
+    if train.global_batch is None:
+        return train.grad_accum
+    ranks = processes * hostfile_hosts(train.hostfile) if train.launcher == "deepspeed" else 1
+    per_step = train.batch_size * ranks
+    if train.global_batch % per_step:
+        raise UsageError(f"train.global_batch = {train.global_batch} is not a multiple of train.batch_size "
+                         f"({train.batch_size}) x ranks ({ranks}) = {per_step}: change train.global_batch or "
+                         "train.batch_size")
+    return train.global_batch // per_step
 
 
 class Launcher(Protocol):

@@ -305,9 +305,19 @@ def plan_round(ws: Workspace, args) -> RoundRun:
     """``prefloop round start|resume`` as parsed (``args.action``, and start's ``rounds``, ``recipe``,
     ``config``), from the terminal or forwarded to the app; raises NothingToResume."""
     if args.action == "start":
-        return start_round(ws, args.rounds, recipe=args.recipe, config=args.config,
-                           settings=getattr(args, "set", None))
+        return start_round(ws, args.rounds if args.rounds is not None else default_rounds(args.recipe),
+                           recipe=args.recipe, config=args.config, settings=getattr(args, "set", None))
     return resume_round(ws)
+
+
+def default_rounds(recipe: str | None) -> int:
+    """Rounds `round start` trains without ``--rounds``: the recipe's (its paper's), else 1."""
+    if not recipe:
+        return 1
+    from backend import recipes
+
+    loaded = recipes.load(recipe)
+    return loaded.meta.default_rounds if loaded.meta else 1
 
 
 def resolve_config(ws: Workspace, recipe: str | None = None, config: Path | None = None,

@@ -14,8 +14,10 @@ Prints each family's image tokens per photo (the processor's expansion of the im
 dominate the prompt, hence the cost of a forward), then one row per family with tokens/s of each mode
 and their ratio (target: batched at least 5x faster).
 
-Torch threads: every core this process may use (the bench runs alone; a job leaves one core to the
-owner, see backend.job_runner.torch_threads); OMP_NUM_THREADS is set to it before torch loads.
+Torch threads: as many as the generate job gets (``backend.job_runner.torch_threads()``: the cores this
+process may use less one, at least 1), set as OMP_NUM_THREADS before torch loads; ``--threads`` overrides.
+On the shared 2-core machine, 2 threads made both modes 5-10x slower than 1 as soon as anything else ran
+(each of the many tiny parallel regions waits for a descheduled thread), and the ratio swung 0.8x-28x.
 """
 
 from __future__ import annotations
@@ -30,14 +32,12 @@ from pathlib import Path
 
 import common
 
+from backend.job_runner import torch_threads
 from backend.models import TINY_FAMILIES
 
 FAMILY_NAMES = ("tiny", *TINY_FAMILIES)
-QUESTIONS = ["What is in the image?", "Describe the scene in detail.", "What color is it?", "How many are there?"]
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+QUESTIONS = ["What is in the image?", "Describe the scene in detail.", "What color is it?",
+             "How many are there?"]
 
 
 def family_names(value: str) -> list[str]:
@@ -105,12 +105,14 @@ def measure(name: str, folder: Path, shots: list, args) -> dict:
 
     tok_a = sum(o.num_tokens for outs in out_a for o in outs)
     tok_b = sum(o.num_tokens for outs in out_b for o in outs)
-    assert sum(len(o) for o in out_a) == len(out_b) == n_seq and tok_a == tok_b == n_seq * n_tok, (tok_a, tok_b)
+    assert sum(len(o) for o in out_a) == len(out_b) == n_seq, (len(out_a), len(out_b))
+    assert tok_a == tok_b == n_seq * n_tok, (tok_a, tok_b)
     calls_a = -(-len(requests) // args.batch_size)
     print(f"{name}: (a) batched {secs_a:7.2f} s in {calls_a} generate calls, (b) single {secs_b:7.2f} s in "
           f"{n_seq} calls; load average {os.getloadavg()[0]:.1f}", flush=True)
     return {"image_tokens": {shot: img for (shot, _), (img, _) in zip(shots, lengths)},
-            "prompt_tokens": [n for _, n in lengths], "sequences": n_seq, "tokens": tok_a,
+            "prompt_tokens": {"min": min(n for _, n in lengths), "max": max(n for _, n in lengths)},
+            "sequences": n_seq, "tokens": tok_a,
             "batched_s": round(secs_a, 2), "single_s": round(secs_b, 2),
             "batched_tok_per_s": round(tok_a / secs_a, 1), "single_tok_per_s": round(tok_b / secs_b, 1),
             "ratio": round(secs_b / secs_a, 2)}
@@ -124,8 +126,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=usable_cores(),
-                    help="torch CPU threads (default: every core this process may use)")
+    ap.add_argument("--threads", type=int, default=torch_threads(),
+                    help="torch CPU threads (default: the generate job's, the cores less one: %(default)s)")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch loads
 
@@ -137,7 +139,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     print(f"{args.prompts} prompts x k={args.k} = {args.prompts * args.k} sequences of {args.max_new_tokens} "
           f"tokens per family, batch {args.batch_size}; torch {torch.__version__}, torch threads "
-          f"{torch.get_num_threads()} of {usable_cores()} cores, load average {load_start:.1f} at start", flush=True)
+          f"{torch.get_num_threads()} of {os.cpu_count()} cores, load average {load_start:.1f} at start",
+          flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         shots = photos(Path(tmp) / "photos", args.prompts)
@@ -152,13 +155,15 @@ def main() -> None:
     sizes = {shot: f"{img.width}x{img.height}" for shot, img in shots}
     print(common.table(["family", *(f"{n} {sizes[n]}" for n in names), "prompt tokens (min-max)"],
                        [[name, *(r["image_tokens"][n] for n in names),
-                         f"{min(r['prompt_tokens'])}-{max(r['prompt_tokens'])}"] for name, r in results.items()]))
-    print(f"\ntokens/s: (a) batched, {args.batch_size} prompts x k per generate; (b) one sequence per generate")
+                         f"{r['prompt_tokens']['min']}-{r['prompt_tokens']['max']}"]
+                        for name, r in results.items()]))
+    print(f"\ntokens/s: (a) batched, up to {args.batch_size} prompts x k per generate; "
+          "(b) one sequence per generate")
     print(common.table(["family", "mean image tokens", "sequences", "tokens", "batched tok/s", "single tok/s",
                         "batched/single"],
-                       [[name, f"{statistics.mean(r['image_tokens'][s] for s, _ in shots):.1f}", r["sequences"],
-                         r["tokens"], f"{r['batched_tok_per_s']:.0f}", f"{r['single_tok_per_s']:.0f}",
-                         f"{r['ratio']:.1f}x"]
+                       [[name, f"{statistics.mean(r['image_tokens'][s] for s, _ in shots):.1f}",
+                         r["sequences"], r["tokens"], f"{r['batched_tok_per_s']:.0f}",
+                         f"{r['single_tok_per_s']:.0f}", f"{r['ratio']:.1f}x"]
                         for name, r in results.items()]))
     print("ratio batched/single tok/s: " + ", ".join(f"{n} {r['ratio']:.1f}x" for n, r in results.items())
           + "  (target >= 5x)")

@@ -122,7 +122,14 @@ class TrainConfig(_Section):
     batch_size: int = Field(2, ge=1)
     """Per-device batch size."""
     grad_accum: int = Field(1, ge=1)
-    """Gradient accumulation steps."""
+    """Gradient accumulation steps (set from `global_batch` when that is given)."""
+    global_batch: int | None = Field(None, ge=1)
+    """Pairs per optimizer step over all ranks (the papers' "batch size"): sets grad_accum = global_batch /
+    (batch_size x ranks), which must divide evenly; the job's config.json holds the resolved grad_accum."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup (all three recipes' papers use cosine)."""
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
     max_completion_length: int = Field(128, ge=1)
     """Cap on each answer's tokens; prompts (with image tokens) are never truncated."""
     max_length: int | Literal["auto"] = "auto"
@@ -203,8 +210,9 @@ class CriticConfig(_Section):
     """rubric: five 0-4 metrics; pointwise: 0-100 score; pairwise: all ordered pairs."""
     engine: Literal["hf", "vllm"] = "hf"
     """Generation engine for the critic."""
-    max_new_tokens: int = Field(256, ge=1)
-    """Cap on the critic's reply."""
+    max_new_tokens: int = Field(1024, ge=1)
+    """Cap on the critic's reply. LLaVA-Critic reasons before its verdict (a few hundred tokens); 1024
+    leaves room for that and still stops a reply that loops (its model card's example allows 4096)."""
 
 
 class JudgesConfig(_Section):

@@ -258,6 +258,33 @@ def q(ws: Path, sql: str, params=None):
         con.close()
 
 
+GENERATE_QUESTIONS = ["What is in the image?", "What color is the car?", "How many apples are there?"]
+
+
+def write_generate_run(run_dir: Path, model_dir: Path, n_prompts: int = 3, **overrides) -> Path:
+    """A generate job's run folder: ``n_prompts`` prompts on small images and the owner's nested config."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.config import GenerationConfig, PolicyConfig
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt_id": f"p{i}", "question": GENERATE_QUESTIONS[i % 3],
+             "image_path": str(make_image(run_dir / "img" / f"{i}.png", color=(80 * i, 40, 160)).resolve())}
+            for i in range(n_prompts)]
+    pq.write_table(pa.Table.from_pylist(rows), run_dir / "prompts.parquet")
+    flat = {"model_path": str(model_dir), "engine": "hf", "dtype": "float32", "device": "cpu", "k": 2,
+            "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 8, "seed": 7, "batch_size": 2,
+            "views": ["original", "aug:diffusion:500", "aug:flip"], "round_id": 1, "checkpoint_id": "c0",
+            "model": "tiny", "tensor_parallel_size": 1, **overrides}
+    # the owner's nested form: the workspace's policy and generation sections beside the run's keys
+    sections = {"policy": PolicyConfig.model_fields, "generation": GenerationConfig.model_fields}
+    config = {name: {k: v for k, v in flat.items() if k in fields} for name, fields in sections.items()}
+    config.update({k: v for k, v in flat.items() if not any(k in fields for fields in sections.values())})
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
 # ---- training runs --------------------------------------------------------------------------------------------
 
 LM_WEIGHT = "language_model.model.layers.0.self_attn.q_proj.weight"  # as saved on disk

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -20,9 +19,9 @@ from backend.engines import vllm as vllm_engine
 from backend.jobs.configs import GenerateJobConfig, load_job_config
 from backend.jobs.generate import SCHEMA, candidate_id
 from backend.jobs.generate import main as generate_main
-from core.config import GenerationConfig, PolicyConfig
 from core.errors import ConfigError, ModelNotAvailable, UsageError
 from tests.helpers import REPO, make_image
+from tests.helpers import write_generate_run as write_run
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 QUESTIONS = ["What is in the image?", "What color is the car?", "How many apples are there?"]
@@ -170,24 +169,6 @@ def test_vllm_without_the_extra_says_how_to_get_it():
 
 
 # ---- the job ------------------------------------------------------------------------------------
-
-def write_run(run_dir: Path, model_dir: Path, n_prompts: int = 3, **overrides) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"prompt_id": f"p{i}", "question": QUESTIONS[i % 3],
-             "image_path": str(make_image(run_dir / "img" / f"{i}.png", color=(80 * i, 40, 160)).resolve())}
-            for i in range(n_prompts)]
-    pq.write_table(pa.Table.from_pylist(rows), run_dir / "prompts.parquet")
-    flat = {"model_path": str(model_dir), "engine": "hf", "dtype": "float32", "device": "cpu", "k": 2,
-            "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 8, "seed": 7, "batch_size": 2,
-            "views": ["original", "aug:diffusion:500", "aug:flip"], "round_id": 1, "checkpoint_id": "c0",
-            "model": "tiny", "tensor_parallel_size": 1, **overrides}
-    # the owner's nested form: the workspace's policy and generation sections beside the run's keys
-    sections = {"policy": PolicyConfig.model_fields, "generation": GenerationConfig.model_fields}
-    config = {name: {k: v for k, v in flat.items() if k in fields} for name, fields in sections.items()}
-    config.update({k: v for k, v in flat.items() if not any(k in fields for fields in sections.values())})
-    (run_dir / "config.json").write_text(json.dumps(config))
-    return run_dir
-
 
 def run_job(run_dir: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
     proc = subprocess.run([sys.executable, "-m", "backend.jobs.generate", str(run_dir)], cwd=REPO,

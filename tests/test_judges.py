@@ -64,8 +64,8 @@ def test_registry_names_every_judge_and_the_cli_offers_them():
 def test_registry_builds_critic_and_reference_with_versions(tmp_path):
     cfg = cfgmod.update(cfgmod.WorkspaceConfig(), {"judges.critic.mode": "pairwise"})
     critic = make_judge("critic", cfg, tmp_path)
-    assert (critic.name, critic.version, critic.traits.per_candidate) == ("critic", "pairwise-v1", False)
-    assert make_judge("critic", cfgmod.WorkspaceConfig(), tmp_path).version == "pointwise-v1"
+    assert (critic.name, critic.version, critic.traits.per_candidate) == ("critic", "pairwise-v2", False)
+    assert make_judge("critic", cfgmod.WorkspaceConfig(), tmp_path).version == "pointwise-v2"
     assert judge_version("rubric") == f"rubric-v1+{rubric.TEMPLATE_VERSION}"
     ref = make_judge("reference", cfg, tmp_path)
     assert (ref.name, ref.version) == ("reference", "v1")
@@ -87,6 +87,42 @@ def test_critic_templates_render_question_answers_and_the_helpsteer_guide():
     rub = build_requests([it], "rubric")[0].text
     for m in rubric.RUBRIC.values():
         assert m.definition in rub and m.levels[4] in rub
+
+
+# The lmms-lab/llava-critic-7b model card's quick start, its two critic_prompt strings as printed there
+# (pairwise, and the commented-out pointwise one), with the card's example question and responses.
+CARD_QUESTION = "What this image presents?"
+CARD_FIRST = ("The image is a black and white sketch of a line that appears to be in the shape of a cross. The "
+              "line is a simple and straightforward representation of the cross shape, with two straight lines "
+              "intersecting at a point.")
+CARD_SECOND = "This is a handwritten number seven."
+CARD_PAIRWISE = ("Given an image and a corresponding question, please serve as an unbiased and fair judge to "
+                 "evaluate the quality of the answers provided by a Large Multimodal Model (LMM). Determine which "
+                 "answer is better and explain your reasoning with specific details. Your task is provided as "
+                 f"follows:\nQuestion: [{CARD_QUESTION}]\nThe first response: [{CARD_FIRST}]\nThe second "
+                 f"response: [{CARD_SECOND}]\nASSISTANT:\n")
+CARD_POINTWISE = ("Given an image and a corresponding question, please serve as an unbiased and fair judge to "
+                  "evaluate the quality of answer answers provided by a Large Multimodal Model (LMM). Score the "
+                  "response out of 100 and explain your reasoning with specific details. Your task is provided "
+                  f"as follows:\nQuestion: [{CARD_QUESTION}]\nThe LMM response: [{CARD_SECOND}]\nASSISTANT:\n ")
+
+
+def test_pointwise_and_pairwise_prompts_are_llava_critics_trained_format():
+    it = JudgeItem("p1", CARD_QUESTION, "/x.png", "img", (CandidateText("a", CARD_FIRST), CandidateText("b", CARD_SECOND)))
+    pair = build_requests([it], "pairwise")[0]
+    assert (pair.first_id, pair.second_id) == ("a", "b")
+    assert pair.text == CARD_PAIRWISE                      # word for word, ending with the ASSISTANT: line
+    point = build_requests([it], "pointwise")[1]
+    # the card's doubled word ("answer answers") and the stray space after its last newline are not copied
+    assert point.text == CARD_POINTWISE.replace("of answer answers", "of the answer").removesuffix(" ")
+    assert point.text.endswith("]\nASSISTANT:\n")
+    # the prompt is the user turn's text, after the image: the engine's chat template opens the assistant
+    # turn, as the card's qwen_1_5 conversation does
+    from backend.engines.base import GenRequest, build_messages
+
+    msgs = build_messages(GenRequest(question=pair.text, image=object()))
+    assert [m["role"] for m in msgs] == ["user"]
+    assert msgs[0]["content"] == [{"type": "image"}, {"type": "text", "text": CARD_PAIRWISE}]
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -270,7 +306,7 @@ def test_critic_end_to_end_on_tiny(workspace, tmp_path):
     assert s["invalid"] >= 1 and s["ok"] + s["invalid"] == 5 and s["error"] == 0
     assert events[-1]["event"] in ("progress", "done", "log") and any(e.get("event") == "progress" for e in events)
     cur = workspace.cursor()
-    verdicts = jstore.list_pairwise_verdicts(cur, "critic", "pairwise-v1")
+    verdicts = jstore.list_pairwise_verdicts(cur, "critic", judge_version("pairwise"))
     assert len(verdicts) == 8 and all(v["raw_output"] for v in verdicts)
     run_dir = workspace.root / "runs" / "r001" / "judge-critic-pairwise"
     assert (run_dir / OUTPUT).is_file() and (run_dir / "config.json").is_file()
@@ -279,7 +315,7 @@ def test_critic_end_to_end_on_tiny(workspace, tmp_path):
 
     s = run_judge(workspace, "critic", mode="pointwise", limit=1)
     assert (s["prompts"], s["candidates"]) == (1, 3)
-    rows = jstore.list_judgments(cur, judge="critic", judge_version="pointwise-v1")
+    rows = jstore.list_judgments(cur, judge="critic", judge_version=judge_version("pointwise"))
     assert len(rows) == 3
     for r in rows:
         assert r["status"] in ("ok", "invalid") and r["raw_output"] and r["reasoning"]
@@ -287,7 +323,7 @@ def test_critic_end_to_end_on_tiny(workspace, tmp_path):
         if r["status"] == "invalid":
             assert r["score"] is None and r["overall"] is None
     assert any(r["status"] == "invalid" for r in rows)
-    left = jstore.candidates_to_judge(cur, 1, "critic", "pointwise-v1", str(workspace.root))
+    left = jstore.candidates_to_judge(cur, 1, "critic", judge_version("pointwise"), str(workspace.root))
     assert [p["prompt_id"] for p in left] == ["p2"]                    # only p2 is left for the next run
     assert run_judge(workspace, "critic", mode="pairwise")["candidates"] == 0   # nothing new: no job
 

@@ -1,7 +1,7 @@
 """The vllm engine's requests per model family, checked through a fake of the remote `vllm` library
-(tests/fakes/vllm_site, recording what it is sent): one ``LLM.generate`` call per step, each prompt the HF processor's own
-rendering of the conversation with one family placeholder per image, per-request sampling, and the
-outputs mapped back to their prompts; and the generate job end to end on the fake (a subprocess)."""
+(tests/fakes/vllm_site, recording what it is sent): one ``LLM.generate`` call per step, each prompt the
+HF processor's own rendering of the conversation with one family placeholder per image, per-request
+sampling, and the outputs mapped back to their prompts; and the generate job end to end on the fake."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from backend.engines import EngineSpec, GenRequest, SamplingSpec, build_messages
 from backend.models import load_processor
 from core.errors import UsageError
 from tests.helpers import REPO
-from tests.test_generation import write_run
+from tests.helpers import write_generate_run as write_run
 
 FAMILY_NAMES = ["tiny", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-idefics3"]
 QUESTIONS = ["What is this?", "What color is it?", "Describe the scene.", "Is it day?", "Count the shapes."]
@@ -120,12 +120,14 @@ def test_generate_job_on_vllm_sends_one_call_per_step(family_dirs, tmp_path):
     processor = load_processor(folder)
     for prompt, row in zip(prompts, rows + rows):  # the original view's prompts, then the flipped ones
         with Image.open(row["image_path"]) as image:
-            messages, size = build_messages(GenRequest(question=row["question"], image=image)), list(image.size)
+            messages = build_messages(GenRequest(question=row["question"], image=image))
+            size = list(image.size)
         assert prompt["prompt"] == processor.apply_chat_template(messages, add_generation_prompt=True)
         assert f"<|im_start|>user\n{placeholder}{row['question']}<|im_end|>" in prompt["prompt"]
-        assert prompt["prompt"].count("<|image_pad|>") == 1, "the placeholder goes unexpanded (vLLM expands it)"
+        assert prompt["prompt"].count("<|image_pad|>") == 1, "unexpanded: vLLM expands the placeholder"
         assert prompt["image"] == size
-    assert [(s["n"], s["temperature"], s["max_tokens"]) for s in sampling] == [(2, 0.8, 8)] * 3 + [(1, 0.0, 8)] * 3
+    policy, greedy = (2, 0.8, 8), (1, 0.0, 8)  # k, temperature, max_new_tokens of write_run's config
+    assert [(s["n"], s["temperature"], s["max_tokens"]) for s in sampling] == [policy] * 3 + [greedy] * 3
 
     candidates = pq.read_table(run_dir / "candidates.parquet").to_pylist()
     got = {(c["view"], c["prompt_id"], c["sample_index"]): c for c in candidates}
@@ -133,7 +135,7 @@ def test_generate_job_on_vllm_sends_one_call_per_step(family_dirs, tmp_path):
     want = {("original", pid, j): f"{i}/{j}" for pid, i in index.items() for j in range(2)}
     want |= {("aug:flip", pid, 0): f"{3 + i}/0" for pid, i in index.items()}
     assert {key: c["text"] for key, c in got.items()} == want
-    assert all(c["engine"] == "vllm" and c["model"] == name and c["finish_reason"] == "stop" for c in candidates)
+    assert {(c["engine"], c["model"], c["finish_reason"]) for c in candidates} == {("vllm", name, "stop")}
     assert [s["seed"] for s in sampling] == [got[(view, row["prompt_id"], 0)]["seed"]
                                              for view in ("original", "aug:flip") for row in rows]
     assert [e["done"] for e in events if e["event"] == "progress"] == [0, 6]

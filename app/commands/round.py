@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = sub.add_parser("start", help="train N rounds from where the current round stands, then stop at the "
                                      "next round's review")
-    s.add_argument("--rounds", type=int, default=1, help="rounds to train (default 1)")
+    s.add_argument("--rounds", type=int, default=None,
+                   help="rounds to train (default: the recipe's round count, else 1)")
     s.add_argument("--recipe", help="a packaged recipe by name (backend/recipes/NAME.toml); what prefloop.toml "
                                     "sets wins over it")
     s.add_argument("--config", type=Path, help="a TOML file of config overrides for these rounds (wins over "

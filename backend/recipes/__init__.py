@@ -6,6 +6,9 @@ A recipe file (``backend/recipes/NAME.toml``, run with ``prefloop round start --
   (GPU memory, an API key's environment variable), its default number of rounds, and the model names
   a real run must set in ``prefloop.toml``;
 - every other table: overrides of ``WorkspaceConfig`` sections (``[generation]``, ``[pairs]``, ...);
+- ``[[paper]]``: the paper's table, one row per value (``PaperRow``): the paper's value, where it comes
+  from (section, table, quote, or the authors' script), and ours with why when they differ;
+  ``tests/test_recipe_papers.py`` resolves the recipe and checks every row with a config ``key``;
 - ``[tiny]``: further overrides applied only when the workspace's policy model is ``tiny`` or one of
   the tiny family builds (``tiny-qwen2-vl``, ...) (smaller
   LoRA ranks, short answers, one local process), so every recipe also runs end to end on this machine.
@@ -31,6 +34,7 @@ from core.errors import ConfigError, UsageError
 
 RECIPE_DIR = Path(__file__).resolve().parent
 META_TABLE = "recipe"
+PAPER_TABLE = "paper"
 TINY_TABLE = "tiny"
 TINY_MODEL = "tiny"
 TINY_MODELS = (TINY_MODEL, *TINY_FAMILIES)
@@ -68,6 +72,30 @@ class RecipeMeta(BaseModel):
     """Config keys naming models a real run must set in prefloop.toml (built-in names only on tiny/demo)."""
 
 
+class PaperRow(BaseModel):
+    """One row of a recipe's paper table (``[[paper]]``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    item: str
+    """What the row is about, in words."""
+    paper: Any
+    """The paper's value (or the authors' script's where the paper is silent)."""
+    source: str
+    """Where the value comes from: section, table or quote, or ``[code] repo/script:line``."""
+    key: str | None = None
+    """The workspace-config key that holds our value (dotted); rows without one are not config."""
+    ours: Any = None
+    """Our value when it deviates from the paper (unset: the paper's); a deviation needs ``why``."""
+    why: str = ""
+    """Why we deviate, or a note."""
+
+    @property
+    def expected(self) -> Any:
+        """What the resolved recipe must hold at ``key``."""
+        return self.paper if self.ours is None else self.ours
+
+
 class _MetaTable(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,6 +110,8 @@ class Recipe:
     meta: RecipeMeta | None
     overrides: dict[str, Any]
     tiny: dict[str, Any] = field(default_factory=dict)
+    paper_rows: tuple[PaperRow, ...] = ()
+    """The ``[[paper]]`` table."""
 
     @property
     def name(self) -> str:
@@ -151,6 +181,7 @@ def load_file(path: Path, *, require_meta: bool = True) -> Recipe:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     raw_meta = data.pop(META_TABLE, None)
     tiny = data.pop(TINY_TABLE, None) or {}
+    rows = _paper_rows(data.pop(PAPER_TABLE, None) or [], path)
     meta = None
     if raw_meta is not None or require_meta:
         if not isinstance(raw_meta, dict):
@@ -166,7 +197,51 @@ def load_file(path: Path, *, require_meta: bool = True) -> Recipe:
         raise ConfigError(f"{path}: [{TINY_TABLE}] must be a table of overrides")
     _check_overrides(data, str(path))
     _check_overrides(merge(data, tiny), f"{path} [{TINY_TABLE}]")
-    return Recipe(path=path, meta=meta, overrides=data, tiny=tiny)
+    return Recipe(path=path, meta=meta, overrides=data, tiny=tiny, paper_rows=rows)
+
+
+def _paper_rows(raw: list, path: Path) -> tuple[PaperRow, ...]:
+    """The validated ``[[paper]]`` rows: known config keys, and a ``why`` for every deviation."""
+    known = set(cfgmod.leaves(cfgmod.WorkspaceConfig().model_dump()))
+    rows = []
+    for i, item in enumerate(raw if isinstance(raw, list) else [raw]):
+        try:
+            row = PaperRow.model_validate(item)
+        except ValidationError as err:
+            raise ConfigError(cfgmod.format_validation_error(err, f"{path} [[{PAPER_TABLE}]] row {i + 1}")) from None
+        if row.key is not None and row.key not in known:
+            raise ConfigError(f"{path} [[{PAPER_TABLE}]] row {i + 1} ({row.item}): unknown config key {row.key!r}")
+        if row.ours is not None and row.ours != row.paper and not row.why.strip():
+            raise ConfigError(f"{path} [[{PAPER_TABLE}]] row {i + 1} ({row.item}): ours differs from the paper; "
+                              "say why")
+        rows.append(row)
+    return tuple(rows)
+
+
+REAL_POLICY = "org/real-vlm"
+"""A policy name that is not a built-in model: the recipe as a real run resolves it (no [tiny] table)."""
+
+
+def paper_mismatches(recipe: Recipe) -> list[str]:
+    """Rows of the recipe's paper table whose config key does not hold the expected value once the
+    recipe is resolved for a real policy model (an empty list when the recipe matches its table)."""
+    over = recipe.overrides_for(REAL_POLICY)
+    resolved = cfgmod.leaves(cfgmod.validate(merge(cfgmod.WorkspaceConfig().model_dump(), over)).model_dump())
+    return [f"{recipe.name}: {r.item} ({r.key}) is {resolved[r.key]!r}, the table says {r.expected!r}"
+            for r in recipe.paper_rows if r.key is not None and resolved[r.key] != r.expected]
+
+
+def paper_table(recipe: Recipe) -> str:
+    """The recipe's paper table as Markdown (the README shows it)."""
+    def show(v: Any) -> str:
+        return "" if v is None else f"`{v}`" if not isinstance(v, str) else v.replace("|", "\\|")
+
+    lines = ["| item | paper | source | ours | config key | why |", "|---|---|---|---|---|---|"]
+    for r in recipe.paper_rows:
+        ours = "same" if r.ours is None or r.ours == r.paper else show(r.ours)
+        lines.append(f"| {r.item} | {show(r.paper)} | {show(r.source)} | {ours} | "
+                     f"{f'`{r.key}`' if r.key else ''} | {show(r.why)} |")
+    return "\n".join(lines)
 
 
 def names() -> list[str]:

@@ -41,7 +41,8 @@ class LLM:
         _record({"call": "LLM", "kwargs": kwargs})
 
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True):
-        LLM.calls.append({"prompts": prompts, "sampling_params": sampling_params, "lora_request": lora_request})
+        LLM.calls.append({"prompts": prompts, "sampling_params": sampling_params,
+                          "lora_request": lora_request})
         _record({"call": "generate",
                  "prompts": [{"prompt": p["prompt"], "image": _image_size(p)} for p in prompts],
                  "sampling_params": [vars(sp) for sp in sampling_params],
