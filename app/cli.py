@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("app.commands.export", "export read-only SQL results or preference pairs (TRL / LLaVA format)"),
     "snapshot": ("app.commands.snapshot", "write a consistent copy of the database for notebooks and tools"),
     "status": ("app.commands.status", "show the workspace: model, counts per table, rounds, owner"),
+    "doctor": ("app.commands.doctor", "preflight checks of the next round: models, GPUs, memory estimate, keys, disk"),
     "generate": ("app.commands.generate", "sample k candidate answers per prompt from the policy checkpoint"),
     "pairs": ("app.commands.pairs", "build the round's chosen/rejected pairs with a pair strategy"),
     "train": ("app.commands.train", "train one DPO round on the frozen pairs (LoRA or full)"),

@@ -1,8 +1,10 @@
-"""Everything prefloop asks of TRL (pinned exactly): loss registry, DPOConfig, dataset, trainer, metrics.
+"""Everything prefloop asks of TRL's DPO (TRL is pinned exactly): loss registry, DPOConfig, dataset, trainer,
+metrics.
 
-``backend.jobs.train`` reads top to bottom and calls these; no other module imports ``trl``. Our loss names map
-to TRL's ``loss_type`` list through the ``LOSSES`` registry; precisions map to Trainer flags through
-``PRECISIONS``. Completions are capped here, before TRL sees them, because TRL 1.16 has no
+``backend.jobs.train`` reads top to bottom and calls these; ``trl`` is imported only here and in
+``backend.sft`` (the SFT baselines, which reuse this module's Trainer arguments, LoRA config and metrics).
+Our loss names map to TRL's ``loss_type`` list through the ``LOSSES`` registry; precisions map to Trainer
+flags through ``PRECISIONS``. Completions are capped here, before TRL sees them, because TRL 1.16 has no
 ``max_completion_length`` and truncates whole sequences from the end (which would cut the answer, or
 for a long prompt the image tokens): a pair that does not fit ``max_length`` is skipped and counted.
 
@@ -73,18 +75,13 @@ def loss_args(train: TrainConfig) -> dict[str, Any]:
             "label_smoothing": train.label_smoothing}
 
 
-def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str, max_steps: int = -1,
-               deepspeed_config: Path | None = None):
-    """The full DPOConfig of a run; every TrainConfig field that TRL consumes is set here.
-
-    Building it first matters under ZeRO-3: it registers the DeepSpeed config so that models loaded
-    afterwards are partitioned as they load.
-    """
-    from trl import DPOConfig
-
+def trainer_arguments(train: TrainConfig, *, output_dir: Path, device: str, dtype: str, max_steps: int = -1,
+                      deepspeed_config: Path | None = None) -> dict[str, Any]:
+    """The Trainer arguments every method shares (DPOConfig here, SFTConfig in ``backend.sft``): batch,
+    schedule, epochs, seed, precision, device, DeepSpeed and logging; no gradient checkpointing unless asked."""
     if dtype not in PRECISIONS:
         raise JobFailed(f"dtype {dtype!r} is not one of {', '.join(PRECISIONS)}")
-    args = DPOConfig(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum,
@@ -93,15 +90,10 @@ def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str,
         num_train_epochs=train.epochs,
         max_steps=max_steps,
         learning_rate=train.learning_rate,
-        beta=train.beta,
-        **loss_args(train),
-        max_length=None,  # pairs are pre-filtered to fit train.max_length: TRL never truncates
         seed=train.seed,
         data_seed=train.seed,
         train_sampling_strategy="sequential",  # order is shuffled by build_dataset, the same on every rank
         gradient_checkpointing=train.gradient_checkpointing,
-        # TRL zeroes every nn.Dropout, LoRA's included; keep them when LoRA dropout is asked for
-        disable_dropout=not (train.lora and train.lora_dropout > 0),
         **PRECISIONS[dtype],
         use_cpu=device == "cpu",
         dataloader_pin_memory=device != "cpu",
@@ -112,12 +104,36 @@ def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str,
         disable_tqdm=True,
         push_to_hub=False,
     )
+
+
+def init_cpu_deepspeed(args, deepspeed_config: Path | None, device: str) -> None:
+    """CPU ranks: accelerate has set up a gloo process group (use_cpu=True) but not DeepSpeed's comm layer,
+    so ZeRO-3's partitioned loading would see a world of one; hand it the same group."""
     if deepspeed_config and device == "cpu":
-        # CPU ranks: accelerate has set up a gloo process group (use_cpu=True) but not DeepSpeed's comm
-        # layer, so ZeRO-3's partitioned loading would see a world of one; hand it the same group.
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=args.distributed_state.backend or "gloo")
+
+
+def dpo_config(train: TrainConfig, *, output_dir: Path, device: str, dtype: str, max_steps: int = -1,
+               deepspeed_config: Path | None = None):
+    """The full DPOConfig of a run; every TrainConfig field that TRL consumes is set here.
+
+    Building it first matters under ZeRO-3: it registers the DeepSpeed config so that models loaded
+    afterwards are partitioned as they load.
+    """
+    from trl import DPOConfig
+
+    args = DPOConfig(
+        **trainer_arguments(train, output_dir=output_dir, device=device, dtype=dtype, max_steps=max_steps,
+                            deepspeed_config=deepspeed_config),
+        beta=train.beta,
+        **loss_args(train),
+        max_length=None,  # pairs are pre-filtered to fit train.max_length: TRL never truncates
+        # TRL zeroes every nn.Dropout, LoRA's included; keep them when LoRA dropout is asked for
+        disable_dropout=not (train.lora and train.lora_dropout > 0),
+    )
+    init_cpu_deepspeed(args, deepspeed_config, device)
     return args
 
 
@@ -271,6 +287,12 @@ def _metrics_callback_class():
             progress(state.global_step, state.max_steps, "steps")
 
     return MetricsCallback
+
+
+def metrics_callback(metrics_path: Path):
+    """The callback every method's trainer gets: one ``metrics`` event per logging step, appended to
+    ``metrics.jsonl`` (the reward columns stay empty for the SFT methods)."""
+    return _metrics_callback_class()(metrics_path)
 
 
 # ---- reference log-prob cache -------------------------------------------------------------------------
@@ -434,7 +456,7 @@ def build_trainer(model, ref_model, processor, dataset, args, peft_config, metri
     from trl import DPOTrainer
 
     kwargs = {"args": args, "train_dataset": dataset, "processing_class": processor, "peft_config": peft_config,
-              "callbacks": [_metrics_callback_class()(metrics_path)]}
+              "callbacks": [metrics_callback(metrics_path)]}
     if ref_cache is not None:
         if ref_model is None and peft_config is None and not reference_available:
             ref_model = no_reference_model(model.config)

@@ -274,14 +274,17 @@ def outcome(res: dict) -> str:
 
 
 def start_round(ws: Workspace, n: int = 1, *, recipe: str | None = None, config: Path | None = None,
-                settings: list[str] | None = None) -> RoundRun:
+                settings: list[str] | None = None, force: bool = False) -> RoundRun:
     """`round start`: train ``n`` rounds from where the current round stands. The config is resolved from
     the defaults, a packaged ``recipe`` (by name), prefloop.toml, an override file (``config``) and
     ``settings`` (``KEY=VALUE`` from ``--set``), each winning over the ones before it; the round keeps
-    where every value came from (``RoundRun.sources``)."""
+    where every value came from (``RoundRun.sources``). The preflight checks (``backend.doctor``) run
+    first: a failed one stops here, before any job, unless ``force``."""
     if n < 1:
         raise UsageError("--rounds must be at least 1")
-    ws.config, sources = resolve_config(ws, recipe, config, settings)
+    resolved, sources = resolve_config(ws, recipe, config, settings)
+    preflight(ws, resolved, force)
+    ws.config = resolved
     r = rounds.current_round(ws.cursor())["round_id"]
     return RoundRun(ws, "round.start", r, n, {"recipe": recipe, "config": str(config) if config else None,
                                                **({"set": list(settings)} if settings else {})}, sources)
@@ -306,8 +309,25 @@ def plan_round(ws: Workspace, args) -> RoundRun:
     ``config``), from the terminal or forwarded to the app; raises NothingToResume."""
     if args.action == "start":
         return start_round(ws, args.rounds if args.rounds is not None else default_rounds(args.recipe),
-                           recipe=args.recipe, config=args.config, settings=getattr(args, "set", None))
+                           recipe=args.recipe, config=args.config, settings=getattr(args, "set", None),
+                           force=getattr(args, "force", False))
     return resume_round(ws)
+
+
+def preflight(ws: Workspace, config: cfgmod.WorkspaceConfig, force: bool) -> None:
+    """``prefloop doctor``'s checks for this run (GPU memory only when a GPU is seen); a UsageError
+    listing the failed ones unless ``force``."""
+    from backend import doctor
+
+    checks = doctor.run_checks(doctor.context_for(ws, config, estimate_on_cpu=False))
+    failed = doctor.failed(checks)
+    for check in checks:
+        log.info("preflight %s: %s %s", check.name, check.status, check.found)
+    if failed and not force:
+        raise UsageError("preflight checks failed (`prefloop doctor` shows them all; `round start --force` runs "
+                         "anyway):\n" + doctor.table(failed))
+    if failed:
+        log.warning("round start --force: running despite %d failed preflight check(s)", len(failed))
 
 
 def default_rounds(recipe: str | None) -> int:

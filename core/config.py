@@ -14,7 +14,7 @@ import tomlkit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from core import names
+from core import names, steerlm
 from core.errors import ConfigError
 
 CONFIG_NAME = "prefloop.toml"
@@ -94,6 +94,10 @@ class PairsConfig(_Section):
 
 
 class TrainConfig(_Section):
+    method: Literal["dpo", "sft", "steerlm"] = "dpo"
+    """Training method: `dpo` on the round's pairs; the Li/Lin/Pei baselines `sft` (rejection sampling: SFT on
+    each prompt's chosen answer) and `steerlm` (SFT on every candidate scored by `pairs.judge`, its HelpSteer
+    values in the prompt; see core/steerlm.py). Same LoRA, launcher and lineage for all three."""
     lora: bool = True
     """LoRA (peft) when true, full fine-tuning when false."""
     lora_r: int = Field(8, ge=1)
@@ -161,6 +165,21 @@ class TrainConfig(_Section):
     """Training seed."""
     gradient_checkpointing: bool = False
     """Trade compute for memory (slower; useful for 7B models on GPUs)."""
+    steerlm_target: dict[str, float] = {}
+    """steerlm: attribute values a steerlm checkpoint asks for when it generates (keys among helpfulness,
+    correctness, coherence, complexity, verbosity; 0-4). Unset keys: 4 for helpfulness, correctness and
+    coherence, the training data's median for complexity and verbosity."""
+
+    @field_validator("steerlm_target")
+    @classmethod
+    def _known_attributes(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, value in v.items():
+            if key not in steerlm.ATTRIBUTES:
+                raise PydanticCustomError("unknown_name", "{message}", {
+                    "message": names.unknown("HelpSteer attribute", steerlm.ATTRIBUTES, key)})
+            if not 0 <= value <= steerlm.SCALE_MAX:
+                raise ValueError(f"{key} must be between 0 and {steerlm.SCALE_MAX} (got {value})")
+        return v
 
     @field_validator("loss")
     @classmethod

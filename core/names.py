@@ -3,7 +3,8 @@
 Plain dicts, so that ``core.config`` validates a name when the config loads without importing the
 layers that implement them (no torch, no trl, no google-genai). Each implementation registry is keyed
 by exactly these names, in this order: ``backend.pairs.STRATEGIES``, ``backend.dpo.LOSSES`` and
-``annotators.registry.JUDGES``; ``tests/test_registries.py`` fails when one of them disagrees.
+``annotators.registry.JUDGES``; ``tests/test_registries.py`` fails when one of them disagrees
+(``backend.jobs.train.METHODS`` and ``TRAIN_METHODS``: ``tests/test_sft_baselines.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ LOSSES: dict[str, str] = {
     "sft": "NLL of the chosen answer; add beside a DPO loss with `loss_weights`",
 }
 """``train.loss`` entries -> what the loss computes."""
+
+TRAIN_METHODS: dict[str, str] = {
+    "dpo": "DPO on the round's chosen/rejected pairs (the losses of `train.loss`)",
+    "sft": "rejection sampling (Li/Lin/Pei 2024): SFT on each prompt's best answer, the chosen side of its pairs",
+    "steerlm": "SteerLM (Li/Lin/Pei 2024): SFT on every candidate scored by `pairs.judge`, its five HelpSteer "
+               "values appended to the question; generation asks for the best values",
+}
+"""``train.method`` (a Literal in ``core.config.TrainConfig``) -> what the method trains on."""
 
 JUDGES: dict[str, str] = {
     "gemini": "Gemini rates all candidates of a prompt on the five HelpSteer metrics (0-4), reasoning first",

@@ -37,11 +37,11 @@ POINTWISE = [
 # reasoning") with several sentences of image-grounded reasoning, then the score; numbers about the image
 # come earlier in the reasoning. Its model card shows the prompts, not a reply.
 LLAVA_CRITIC_POINTWISE = [
-    ("The LMM response correctly identifies the handwritten number seven. It is concise and answers the "
-     "question, though it could mention that the digit is drawn with 2 strokes.\n\nOverall score: 85", 85.0),
-    ("The response calls the sketch a cross made of 2 straight lines, but the image shows a handwritten "
-     "seven. The description is fluent yet wrong about the main content. Therefore, I would give it a "
-     "score of 20 out of 100.", 20.0),
+    (("The LMM response correctly identifies the handwritten number seven. It is concise and answers "
+      "the question, though it could mention that the digit has 2 strokes.\n\nOverall score: 85"), 85.0),
+    (("The response calls the sketch a cross made of 2 straight lines, but the image shows a handwritten "
+      "seven. The description is fluent yet wrong about the main content. Therefore, I would give it a "
+      "score of 20 out of 100."), 20.0),
     ("Score: 90\nReason: the response names the digit correctly and adds nothing the image lacks.", 90.0),
     ("Overall score: 7", 7.0),   # read on the 0-100 scale it was asked for, not as 7/10
     ("Evaluation: the answer misses the colour of 1 of the 3 shapes.\nFinal Score: 75/100", 75.0),
@@ -85,11 +85,12 @@ PAIRWISE = [
 # LLaVA-Critic's pairwise shape: the card's prompt names "The first response" and "The second response"
 # and asks "which answer is better"; the reply compares them and states the verdict at the end.
 LLAVA_CRITIC_PAIRWISE = [
-    ("The first response describes the image as a cross, which is incorrect. The second response correctly "
-     "identifies it as a handwritten number seven. Therefore, the second response is better.", "second"),
+    (("The first response describes the image as a cross, which is incorrect. The second response "
+      "correctly identifies it as a handwritten number seven. Therefore, the second response is better."),
+     "second"),
     ("Answer 1 is better", "first"),
-    ("Both answers describe the scene, but Answer 1 mentions the red car that is visible in the image. "
-     "Overall, Answer 1 is better than Answer 2.", "first"),
+    (("Both answers describe the scene, but Answer 1 mentions the red car that is visible in the image. "
+      "Overall, Answer 1 is better than Answer 2."), "first"),
     ("In conclusion, Response 2 is better than Response 1.", "second"),
     ("The first response misses the number; the second response, however, is better.", "second"),
     ("The first answer, in my view, is worse.", "second"),

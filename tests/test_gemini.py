@@ -106,6 +106,26 @@ def test_scores_are_parsed_and_mapped_back_through_the_shuffle(fake, image, tmp_
     assert judge.stats.ok == 6 and judge.stats.calls == 6 and judge.stats.retries == 0
 
 
+def test_the_guide_is_helpsteers_five_attributes_with_reasoning_and_calibration_before_ratings():
+    guide = rubric.labelling_guide()
+    for m in rubric.RUBRIC.values():
+        assert f"## {m.name.capitalize()}" in guide and m.definition in guide
+        assert all(f"- {i}: {level}" in guide for i, level in enumerate(m.levels))
+    # HelpSteer's published one-line definitions (nvidia/HelpSteer card) are restated, not copied
+    published_definitions = ("Overall helpfulness of the response to the prompt",
+                             "Inclusion of all pertinent facts", "Consistency and clarity of expression",
+                             "Intellectual depth required to write", "Amount of detail included in the")
+    for published in published_definitions:
+        assert published.lower() not in guide.lower()
+    # zero-shot chain of thought: reasoning per candidate, then a calibration across them, then ratings
+    reasoning, calibrate, ratings = (guide.index(w) for w in ("First write `reasoning`", "calibrate",
+                                                              "then write `ratings`"))
+    assert reasoning < calibrate < ratings
+    schema = rubric.response_json_schema(4)
+    assert list(schema["properties"]) == schema["required"] == ["reasoning", "ratings"]
+    assert "calibration" in schema["properties"]["reasoning"]["description"]
+
+
 def test_presentation_order_is_seeded_per_prompt():
     a = rubric.presentation_order("p1", 0, 5)
     assert a == rubric.presentation_order("p1", 0, 5) and sorted(a) == list(range(5))

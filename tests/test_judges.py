@@ -92,28 +92,30 @@ def test_critic_templates_render_question_answers_and_the_helpsteer_guide():
 # The lmms-lab/llava-critic-7b model card's quick start, its two critic_prompt strings as printed there
 # (pairwise, and the commented-out pointwise one), with the card's example question and responses.
 CARD_QUESTION = "What this image presents?"
-CARD_FIRST = ("The image is a black and white sketch of a line that appears to be in the shape of a cross. The "
-              "line is a simple and straightforward representation of the cross shape, with two straight lines "
-              "intersecting at a point.")
+CARD_FIRST = ("The image is a black and white sketch of a line that appears to be in the shape of a cross. "
+              "The line is a simple and straightforward representation of the cross shape, with two "
+              "straight lines intersecting at a point.")
 CARD_SECOND = "This is a handwritten number seven."
 CARD_PAIRWISE = ("Given an image and a corresponding question, please serve as an unbiased and fair judge to "
-                 "evaluate the quality of the answers provided by a Large Multimodal Model (LMM). Determine which "
-                 "answer is better and explain your reasoning with specific details. Your task is provided as "
-                 f"follows:\nQuestion: [{CARD_QUESTION}]\nThe first response: [{CARD_FIRST}]\nThe second "
-                 f"response: [{CARD_SECOND}]\nASSISTANT:\n")
-CARD_POINTWISE = ("Given an image and a corresponding question, please serve as an unbiased and fair judge to "
-                  "evaluate the quality of answer answers provided by a Large Multimodal Model (LMM). Score the "
-                  "response out of 100 and explain your reasoning with specific details. Your task is provided "
-                  f"as follows:\nQuestion: [{CARD_QUESTION}]\nThe LMM response: [{CARD_SECOND}]\nASSISTANT:\n ")
+                 "evaluate the quality of the answers provided by a Large Multimodal Model (LMM). Determine "
+                 "which answer is better and explain your reasoning with specific details. Your task is "
+                 f"provided as follows:\nQuestion: [{CARD_QUESTION}]\nThe first response: [{CARD_FIRST}]"
+                 f"\nThe second response: [{CARD_SECOND}]\nASSISTANT:\n")
+CARD_POINTWISE = ("Given an image and a corresponding question, please serve as an unbiased and fair judge "
+                  "to evaluate the quality of answer answers provided by a Large Multimodal Model (LMM). "
+                  "Score the response out of 100 and explain your reasoning with specific details. Your task "
+                  f"is provided as follows:\nQuestion: [{CARD_QUESTION}]\nThe LMM response: [{CARD_SECOND}]"
+                  "\nASSISTANT:\n ")
 
 
 def test_pointwise_and_pairwise_prompts_are_llava_critics_trained_format():
-    it = JudgeItem("p1", CARD_QUESTION, "/x.png", "img", (CandidateText("a", CARD_FIRST), CandidateText("b", CARD_SECOND)))
+    answers = (CandidateText("a", CARD_FIRST), CandidateText("b", CARD_SECOND))
+    it = JudgeItem("p1", CARD_QUESTION, "/x.png", "img", answers)
     pair = build_requests([it], "pairwise")[0]
     assert (pair.first_id, pair.second_id) == ("a", "b")
     assert pair.text == CARD_PAIRWISE                      # word for word, ending with the ASSISTANT: line
     point = build_requests([it], "pointwise")[1]
-    # the card's doubled word ("answer answers") and the stray space after its last newline are not copied
+    # the card's doubled word ("answer answers") and the space after its last newline are not copied
     assert point.text == CARD_POINTWISE.replace("of answer answers", "of the answer").removesuffix(" ")
     assert point.text.endswith("]\nASSISTANT:\n")
     # the prompt is the user turn's text, after the image: the engine's chat template opens the assistant

@@ -90,3 +90,11 @@ def test_recipe_round_count_is_the_default_of_rounds(tmp_path):
         assert loop.plan_round(opened, parse(["round", "start", "--recipe", "ov_chat"])).rounds == 3
         assert loop.plan_round(opened, parse(["round", "start", "--recipe", "ov_chat", "--rounds", "1"])).rounds == 1
         assert loop.plan_round(opened, parse(["round", "start"])).rounds == 1
+
+
+def test_readme_memory_figures_are_the_estimators():
+    readme = (REPO / "README.md").read_text()
+    for recipe in recipes.all_recipes():
+        line = recipes.memory_line(recipe)
+        assert line in readme, f"README.md's recipe table should say: {line}"
+    assert "LoRA r=1024 (2.56B trainable)" in recipes.memory_line(recipes.load("seva"))

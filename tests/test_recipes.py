@@ -32,7 +32,7 @@ def test_registry_is_the_folder_and_every_recipe_loads():
     assert recipes.names() == files == ["gemini_rubric", "ov_chat", "seva"]
     for r in recipes.all_recipes():
         assert r.meta.name == r.path.stem
-        assert r.meta.paper and r.meta.authors and 2020 <= r.meta.year <= 2030 and r.meta.gpu_memory
+        assert r.meta.paper and r.meta.authors and 2020 <= r.meta.year <= 2030 and r.meta.paper_model
         assert r.command() == f"prefloop round start --recipe {r.name} --rounds {r.meta.default_rounds}"
         if "lora_r" in r.tiny.get("train", {}):
             assert "LoRA ranks scaled down" in r.path.read_text(), f"{r.name}: say why [tiny] changes the ranks"
@@ -43,6 +43,7 @@ def test_ov_chat_values():
     g, t = cfg.generation, cfg.train
     assert (g.k, g.temperature, g.top_p, g.views) == (5, 0.7, 0.9, ["original"])
     assert cfg.judges.default == ["critic"] and cfg.judges.critic.mode == "pairwise"
+    assert cfg.judges.critic.max_new_tokens == 1024  # room for LLaVA-Critic's reasoning before its verdict
     assert (cfg.pairs.strategy, cfg.pairs.judge) == ("best-worst", "critic")
     assert (t.lora, t.epochs, t.launcher, t.zero_stage) == (False, 1.0, "deepspeed", 3)
     assert recipes.load("ov_chat").meta.default_rounds == 3
@@ -54,7 +55,7 @@ def test_ov_chat_values():
 
 def test_seva_values():
     cfg = resolved("seva", REAL)
-    assert cfg.generation.views == ["original", "aug:diffusion:500"] and cfg.pairs.strategy == "seva"
+    assert cfg.generation.views == ["original", "aug:diffusion:800"] and cfg.pairs.strategy == "seva"  # 7B
     t = cfg.train
     assert (t.lora, t.lora_r, t.lora_alpha, t.beta, t.learning_rate) == (True, 1024, 2048, 0.1, 2e-6)
     tiny = resolved("seva").train
@@ -64,6 +65,7 @@ def test_seva_values():
 def test_gemini_rubric_values():
     cfg = resolved("gemini_rubric", REAL)
     assert (cfg.generation.k, cfg.generation.temperature) == (4, 0.7)
+    assert cfg.generation.top_p == 1.0  # the paper sets no top_p: LLaVA's default
     assert cfg.judges.default == ["gemini"]
     assert (cfg.pairs.strategy, cfg.pairs.judge, cfg.pairs.min_margin) == ("best-vs-random", "gemini", 2.0)
     t = cfg.train
@@ -173,7 +175,7 @@ def test_seva_one_round_on_tiny(tmp_path, tiny_model_dir):
     _round_one_done(ws)
     views = q(ws, "SELECT origin, view, count(*) FROM candidates WHERE round_id = 1 AND origin <> 'eval' "
                   "GROUP BY ALL ORDER BY 1")
-    assert views == [("policy", "original", 5), ("seva_augmented", "aug:diffusion:500", 5)]
+    assert views == [("policy", "original", 5), ("seva_augmented", "aug:diffusion:800", 5)]
     pairs = q(ws, """SELECT c.text, r.text, p.source FROM pairs p JOIN candidates c ON c.candidate_id = p.chosen_id
                      JOIN candidates r ON r.candidate_id = p.rejected_id WHERE p.round_id = 1""")
     assert pairs and all(src == "seva" for *_, src in pairs)
@@ -224,7 +226,7 @@ def test_ov_chat_one_round_on_tiny_with_human_labels(tmp_path, tiny_model_dir):
     assert q(ws, "SELECT status, step FROM rounds WHERE round_id = 1") == [("waiting_review", "review")]
     # critic pairwise over all K(K-1) = 20 ordered pairs of each prompt's 5 candidates
     assert q(ws, "SELECT count(*) FROM pairwise_verdicts")[0][0] == 5 * 20
-    assert q(ws, "SELECT DISTINCT judge, judge_version FROM judgments") == [("critic", "pairwise-v1")]
+    assert q(ws, "SELECT DISTINCT judge, judge_version FROM judgments") == [("critic", "pairwise-v2")]
     with open_workspace(ws) as w:
         cur = w.cursor()
         by_prompt: dict[str, list[str]] = {}

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="one setting for these rounds, wins over everything (repeatable), e.g. --set "
                         "train.num_processes=2; the round's saved config says where each value came from")
+    s.add_argument("--force", action="store_true",
+                   help="start even when a preflight check (`prefloop doctor`) fails")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     r = sub.add_parser("resume", help="continue after a crash, a cancel or a review gate")
     r.add_argument("--quiet", action="store_true", help="no progress output")

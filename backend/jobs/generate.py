@@ -22,11 +22,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotators.seva import View, apply_view, parse_view
+from annotators.seva import PixelSpace, View, apply_view, parse_view
 from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, derive_seed, make_engine
 from backend.jobs.common import read_input, run_main
 from backend.jobs.configs import GenerateJobConfig, load_job_config
+from backend.noise_space import policy_pixel_space
 from core.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,14 @@ def load_image(row: dict):
         raise UsageError(f"prompt {row['prompt_id']}: cannot read image {row['image_path']}: {err}") from None
 
 
-def view_requests(rows: list[dict], view: View, base_seed: int):
-    """The engine requests of one view, and each one's augmentation record."""
+def view_requests(rows: list[dict], view: View, base_seed: int, space: PixelSpace | None = None):
+    """The engine requests of one view, and each one's augmentation record (``space``: the policy's
+    PixelSpace, for the views that add noise in it)."""
     requests, records = [], []
     for row in rows:
         image = load_image(row)
         seed = derive_seed(base_seed, row["prompt_id"], view.spec)
-        shown, record = apply_view(view, image, seed)
+        shown, record = apply_view(view, image, seed, space)
         requests.append(GenRequest(question=row["question"], image=shown, seed=seed, request_id=row["prompt_id"]))
         records.append(record)
     return requests, records
@@ -109,6 +111,9 @@ def main(argv: list[str]) -> int:
     views = [parse_view(v) for v in gen.views]
     rows = load_prompts(run_dir)
     check_images(rows)
+    # SeVa's diffusion noise goes on the policy processor's normalised tensor (backend.noise_space)
+    space = (policy_pixel_space(cfg.model_path, pol.image_processor)
+             if any(v.in_pixel_space for v in views) else None)
     policy = SamplingSpec.of(gen)
     greedy = policy.as_greedy()
     if gen.temperature == 0 and gen.k > 1:
@@ -125,7 +130,7 @@ def main(argv: list[str]) -> int:
     total, done, tokens, gen_seconds = len(rows) * len(views), 0, 0, 0.0
     job.progress(0, total, unit="prompts")
     for call in engine_calls(rows, views, engine.requests_per_call):
-        built = [(view, batch, *view_requests(batch, view, gen.seed)) for view, batch in call]
+        built = [(view, batch, *view_requests(batch, view, gen.seed, space)) for view, batch in call]
         t = time.perf_counter()
         results = engine.generate_many([(requests, policy if view.is_original else greedy)
                                         for view, _, requests, _ in built])

@@ -62,8 +62,13 @@ class RecipeMeta(BaseModel):
     """The paper's year."""
     url: str | None = None
     """Where to read the paper."""
-    gpu_memory: str
-    """GPU memory a real run needs (an estimate for the 7B models the paper used)."""
+    paper_model: str
+    """The paper's model (``backend.memory.PAPER_MODELS``): the README's memory estimate is for it."""
+    paper_gpus: int = Field(1, ge=1)
+    """GPUs the paper trained on (the estimate spreads ZeRO-3 over them)."""
+    paper_seq_len: int = Field(ge=16)
+    """The longest pair the estimate assumes: the image's tokens for a 1024x768 photo (bench/token_budget.py)
+    plus the recipe's answer cap."""
     api_key: str = ""
     """The environment variable of an API key a real run needs (empty: none)."""
     default_rounds: int = Field(1, ge=1)
@@ -229,6 +234,24 @@ def paper_mismatches(recipe: Recipe) -> list[str]:
     resolved = cfgmod.leaves(cfgmod.validate(merge(cfgmod.WorkspaceConfig().model_dump(), over)).model_dump())
     return [f"{recipe.name}: {r.item} ({r.key}) is {resolved[r.key]!r}, the table says {r.expected!r}"
             for r in recipe.paper_rows if r.key is not None and resolved[r.key] != r.expected]
+
+
+def memory_line(recipe: Recipe) -> str:
+    """The estimator's per-GPU memory for the recipe at its paper's model and GPU count (README)."""
+    from backend import memory
+
+    title, build = memory.PAPER_MODELS[recipe.meta.paper_model]
+    train = cfgmod.validate(merge(cfgmod.WorkspaceConfig().model_dump(), recipe.overrides_for(REAL_POLICY))).train
+    shape = memory.shape_of(build())
+    plan = memory.RunPlan(lora=train.lora, lora_r=train.lora_r, train_projector=train.train_projector,
+                          zero_stage=train.zero_stage, gpus_per_node=recipe.meta.paper_gpus,
+                          micro_batch=train.batch_size, seq_len=recipe.meta.paper_seq_len,
+                          gradient_checkpointing=train.gradient_checkpointing)
+    est = memory.estimate(shape, plan)
+    mode = f"LoRA r={train.lora_r}" if train.lora else "full fine-tuning"
+    return (f"{title} ({shape.total_params / 1e9:.2f}B), {mode} ({est.trainable_params / 1e9:.2f}B trainable), "
+            f"ZeRO-{plan.zero_stage} on {plan.gpus_per_node} GPUs, {plan.micro_batch} x {plan.seq_len} tokens: "
+            f"~{est.gib():.0f} GiB per GPU (estimate)")
 
 
 def paper_table(recipe: Recipe) -> str:
