@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("app.commands.doctor", "preflight checks of the next round: models, GPUs, memory estimate, keys, disk"),
     "generate": ("app.commands.generate", "sample k candidate answers per prompt from the policy checkpoint"),
     "pairs": ("app.commands.pairs", "build the round's chosen/rejected pairs with a pair strategy"),
-    "train": ("app.commands.train", "train one DPO round on the frozen pairs (LoRA or full)"),
+    "train": ("app.commands.train", "train one round on the frozen pairs: DPO, or the sft / steerlm baselines"),
     "serve": ("app.commands.serve", "run the review studio (Gradio app with login) as the workspace's owner"),
     "users": ("app.commands.users", "manage studio users: users add|list|passwd|remove|role"),
     "round": ("app.commands.round", "run the loop: round start|resume|status|cancel (pairs, train, eval, generate, judge)"),

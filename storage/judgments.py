@@ -165,3 +165,22 @@ def judgment_counts(cur: duckdb.DuckDBPyConnection, round_id: int | None = None)
 
 def count_judgments(cur: duckdb.DuckDBPyConnection, judge: str | None = None) -> int:
     return scalar(cur, "SELECT count(*) FROM judgments WHERE (? IS NULL OR judge = ?)", [judge, judge])
+
+
+def scored_candidates(cur: duckdb.DuckDBPyConnection, round_id: int, judge: str, workspace_root: str) -> list[dict]:
+    """The round's candidates on train prompts (not eval answers) with ``judge``'s newest `ok` judgment that
+    rates all five HelpSteer attributes: prompt_id, candidate_id, image_path (absolute), question, text and the
+    five values, in prompt order (SteerLM's training rows)."""
+    return fetch_all(cur, """
+        SELECT c.prompt_id, c.candidate_id, ? || '/' || i.path AS image_path, p.question, c.text,
+               j.helpfulness, j.correctness, j.coherence, j.complexity, j.verbosity
+        FROM candidates c
+        JOIN prompts p ON p.prompt_id = c.prompt_id
+        JOIN images i ON i.image_id = p.image_id
+        JOIN (SELECT *, row_number() OVER (PARTITION BY candidate_id ORDER BY created_at DESC) AS rn
+              FROM judgments
+              WHERE judge = ? AND status = 'ok' AND helpfulness IS NOT NULL AND correctness IS NOT NULL
+                AND coherence IS NOT NULL AND complexity IS NOT NULL AND verbosity IS NOT NULL) j
+          ON j.candidate_id = c.candidate_id AND j.rn = 1
+        WHERE c.round_id = ? AND c.origin <> 'eval' AND p.split = 'train'
+        ORDER BY c.prompt_id, c.view, c.sample_index, c.candidate_id""", [workspace_root, judge, round_id])

@@ -40,6 +40,22 @@ def get_checkpoint(cur, checkpoint_id: str) -> dict | None:
     return _row(cur, "SELECT * FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
 
 
+def checkpoint_meta(cur, checkpoint_id: str) -> dict:
+    """A checkpoint's meta.json as ingested ({} for an unknown checkpoint)."""
+    meta = scalar(cur, "SELECT meta FROM checkpoints WHERE checkpoint_id = ?", [checkpoint_id])
+    return json.loads(meta) if isinstance(meta, str) else (meta or {})
+
+
+def training_method(cur, round_id: int) -> str | None:
+    """How a round trained (``train.method``): from its checkpoint's meta (a checkpoint without one predates the
+    field: dpo), else from the config the round was started with; None when neither says."""
+    return scalar(cur, """
+        SELECT coalesce(json_extract_string(c.meta, '$.method'), CASE WHEN c.checkpoint_id IS NOT NULL THEN 'dpo' END,
+                        json_extract_string(r.config, '$.resolved.train.method'))
+        FROM rounds r LEFT JOIN checkpoints c ON c.round_id = r.round_id
+        WHERE r.round_id = ?""", [round_id])
+
+
 def list_checkpoints(cur) -> list[dict]:
     return _rows(cur, "SELECT * FROM checkpoints ORDER BY created_at")
 

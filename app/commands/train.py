@@ -1,4 +1,5 @@
-"""prefloop train: one DPO round on the current round's pairs (frozen from now on)."""
+"""prefloop train: one training round (DPO, or the sft / steerlm baselines) on the current round's pairs
+(frozen from now on)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import argparse
 
 from app.progress import TerminalEvents
 from backend.steps.train import run_train
+from core import names
 from storage.workspace import open_workspace
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=list(names.TRAIN_METHODS),
+                   help="; ".join(f"{k}: {v}" for k, v in names.TRAIN_METHODS.items()) + " (default: train.method)")
     p.add_argument("--loss", type=lambda s: [x.strip() for x in s.split(",")],
                    help="loss types, comma-separated: sigmoid, ipo, hinge, robust, sft (default: train.loss)")
     p.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
@@ -24,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("loss", "beta", "learning_rate", "epochs", "lora", "reference",
+    overrides = {k: getattr(args, k) for k in ("method", "loss", "beta", "learning_rate", "epochs", "lora", "reference",
                                                "launcher", "num_processes")}
     with open_workspace(args.workspace, command="prefloop train") as ws, \
             TerminalEvents("train", verbose=args.verbose, quiet=args.quiet) as events:

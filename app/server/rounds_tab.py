@@ -1,4 +1,5 @@
-"""The Rounds tab (admin): the current round, Start round / Cancel, live progress, and per-round results.
+"""The Rounds tab (admin): the current round, Start round / Cancel, live progress, and per-round results
+(the training method, pairs by source, training curves, eval).
 
 Handlers are plain functions (``status``, ``start``, ``cancel``, ``details``) that check the admin role
 first; the tab wires them to buttons and to a ``gr.Timer`` that polls the app's runner about once a
@@ -18,6 +19,7 @@ from app.server import AppContext
 from app.server.auth import as_gr_error, require, user_of
 from app.server.runner import cancel_round, start_round, studio_of
 from backend.loop import ORDER
+from core import names
 from core.errors import UsageError
 from storage import pairs as pairs_db
 from storage import rounds
@@ -84,8 +86,17 @@ def curve_frame(metrics: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CURVE_COLUMNS).astype({"step": "int64", **{c: "float64" for c in CURVES}})
 
 
+def method_text(method: str | None, configured: str) -> str:
+    """The round's training method as the tab shows it (``configured``: the workspace's train.method, for a
+    round that neither trained nor was started with a config)."""
+    if method is None:
+        return f"training method: not trained yet (train.method = `{configured}`)"
+    return f"training method: **{method}**: {names.TRAIN_METHODS.get(method, '')}"
+
+
 def details(ctx: AppContext, user: str | None, round_id: int | str | None = None) -> dict:
-    """One round's results: pairs by source, training curves, eval wins/losses/ties vs the previous checkpoint."""
+    """One round's results: its training method, pairs by source, training curves, eval wins/losses/ties vs the
+    previous checkpoint."""
     require(ctx, user, "admin", "round results")
     with ctx.cursor() as cur:
         choices = [r["round_id"] for r in rounds.list_rounds(cur)]
@@ -98,8 +109,10 @@ def details(ctx: AppContext, user: str | None, round_id: int | str | None = None
         by_source = pairs_db.counts_by_source(cur, rid)
         metrics = rounds.train_metrics(cur, rid)
         evals = rounds.list_evals(cur, rid)
+        method = rounds.training_method(cur, rid)
     return {
-        "round_id": rid, "choices": choices,
+        "round_id": rid, "choices": choices, "method": method,
+        "method_text": method_text(method, ctx.ws.config.train.method),
         "pairs": pd.DataFrame([[s, n] for s, n in by_source.items()] or [], columns=["source", "pairs"]),
         "curve": curve_frame(metrics),
         "evals": pd.DataFrame([[e["judge"], e["baseline_checkpoint_id"], e["checkpoint_id"], e["wins"], e["losses"],
@@ -173,6 +186,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
                                 elem_id="pf-round-pairs")
         evals_df = gr.Dataframe(headers=EVAL_HEADERS, label="eval vs the previous checkpoint", interactive=False,
                                 elem_id="pf-round-evals")
+    method_md = gr.Markdown(elem_id="pf-round-method")
     with gr.Row(elem_id="pf-train-curve"):  # one plot per metric (no colour legend: its domain would stay empty)
         curves = [gr.LinePlot(curve_frame([]), x="step", y=col, title=f"training {name}", height=260,
                               elem_id=f"pf-train-{col}") for col, name in CURVES.items()]
@@ -182,7 +196,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
     def show_details(d: dict) -> dict:
         """``details`` -> the round picker, the two tables and every training plot."""
         return {pick: gr.Dropdown(choices=d["choices"], value=d["round_id"]), pairs_df: d["pairs"],
-                evals_df: d["evals"], **{plot: d["curve"] for plot in curves}}
+                evals_df: d["evals"], **{plot: d["curve"] for plot in curves}, method_md: d["method_text"]}
 
     def on_load(request: gr.Request):
         return gr.Timer(active=is_admin(ctx, user_of(request)))
@@ -208,7 +222,7 @@ def build(ctx: AppContext, demo: gr.Blocks) -> None:
         return show_details(as_gr_error(details, ctx, user_of(request), picked))
 
     lim = {"concurrency_limit": ctx.concurrency}
-    results = [pick, pairs_df, evals_df, *curves]  # output lists keep the order API clients see
+    results = [pick, pairs_df, evals_df, *curves, method_md]  # output lists keep the order API clients see
     demo.load(on_load, None, timer, api_visibility="private")
     timer.tick(on_tick, [seen, pick], [state_box, progress, log_box, seen, *results], api_name="rounds_status",
                show_progress="hidden", **lim)

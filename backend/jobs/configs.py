@@ -67,8 +67,13 @@ class CriticJobConfig(_JobConfig):
     """The workspace's ``[judges.critic]`` (mode as run): model name, mode, engine, max_new_tokens."""
 
 
+TRAIN_INPUT: dict[str, str] = {"dpo": "pairs.parquet", "sft": "pairs.parquet", "steerlm": "scored.parquet"}
+"""``train.method`` -> the input Parquet the owner writes to a train run's folder: the round's frozen pairs, or
+for steerlm its candidates scored by ``pairs.judge`` (columns: ``backend.jobs.train.METHODS``)."""
+
+
 class TrainJobConfig(_JobConfig):
-    """``backend.jobs.train``: one DPO round from ``model_path`` on the run's frozen pairs."""
+    """``backend.jobs.train``: one training round (``train.method``) from ``model_path`` on the run's input."""
 
     model_path: str
     """Folder of the policy to start from: c(r-1), full or merged weights."""
@@ -85,7 +90,7 @@ class TrainJobConfig(_JobConfig):
     base_model: str
     """The base model name of the lineage (e.g. `tiny` or a hub id), recorded in meta.json."""
     pairs_hash: str | None = None
-    """Hash of the frozen pairs, recorded in meta.json."""
+    """Hash of the training input (the frozen pairs; steerlm: the scored candidates), recorded in meta.json."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Torch device of a single-process job."""
     dtype: Dtype = "float32"

@@ -13,6 +13,7 @@ from backend.jobs.configs import GenerateJobConfig
 from backend.models import default_device, resolve_dtype
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
 from core import config as cfgmod
+from core import steerlm
 from storage import generation, review_queue, rounds
 from storage.workspace import Workspace
 
@@ -27,7 +28,9 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
     """k candidates per prompt of the current round from its policy checkpoint; returns a summary.
 
     The eval step calls it with ``checkpoint_id`` (c(r) or c(r-1)), ``split="heldout"`` and
-    ``eval_origin=True``: those answers are stored with origin `eval` and never paired."""
+    ``eval_origin=True``: those answers are stored with origin `eval` and never paired. A checkpoint trained
+    with ``train.method = "steerlm"`` is asked for the best answers: its recorded attribute values are appended
+    to every question it gets (``core.steerlm``; the job's prompts.parquet holds the questions as asked)."""
     cur = ws.cursor()
     rnd = rounds.current_round(cur) if round_id is None else rounds.get_round(cur, round_id)
     round_id = rnd["round_id"]
@@ -39,6 +42,9 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
         return {"round_id": round_id, "prompts": 0, "candidates": 0,
                 "message": f"nothing to generate: every {split} prompt already has candidates from {ckpt_id} "
                            f"in round {round_id}"}
+    suffix = steerlm.question_suffix(rounds.checkpoint_meta(cur, ckpt_id))
+    if suffix:
+        todo = [{**row, "question": row["question"] + suffix} for row in todo]
     step = f"eval-generate-{ckpt_id}" if eval_origin else "generate"
     run_dir = step_dir(ws, round_id, step)
     pq.write_table(pa.Table.from_pylist(todo), run_dir / "prompts.parquet")
