@@ -80,8 +80,12 @@ class Job:
     """A started job; ``wait()`` streams its events to ``on_event`` and returns a JobResult."""
 
     def __init__(self, argv: list[str], run_dir: Path, env: dict | None = None,
-                 on_event: EventHandler | None = None, cancel: CancelCheck | None = None, processes: int = 1):
+                 on_event: EventHandler | None = None, cancel: CancelCheck | None = None, processes: int = 1,
+                 parse: Callable[[str], dict] = parse_line):
+        """``parse`` reads one stdout line into an event (``parse_line``; the multi-node launcher's output
+        goes through ``backend.launch.event_parser``). The job runs in ``run_dir`` (its cwd)."""
         self.argv = argv
+        self.parse = parse
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.on_event = on_event or (lambda e: None)
@@ -131,7 +135,7 @@ class Job:
             for line in self.proc.stdout:
                 self._log.write(line if line.endswith("\n") else line + "\n")
                 self._log.flush()
-                ev = parse_line(line)
+                ev = self.parse(line)
                 kind = ev.get("event")
                 if kind == "done":
                     result.summary = ev.get("summary", {})

@@ -43,7 +43,12 @@ class PolicyConfig(_Section):
     """Weights dtype for generation, training and the critic (hf and vllm): `auto` is bfloat16 on a CUDA GPU
     that supports it and float32 on CPU; bf16/fp16 need a GPU. Each job's config.json holds the resolved one."""
     tensor_parallel_size: int = Field(1, ge=1)
-    """vLLM tensor parallelism (GPUs per generation job)."""
+    """vLLM tensor parallelism: the GPUs one vLLM engine splits the model over (for a model too large for
+    one GPU); the critic's engine uses it too."""
+    data_parallel_size: int = Field(1, ge=1)
+    """vLLM data parallelism: independent vLLM engines (each on `tensor_parallel_size` GPUs of its own) that
+    each answer a contiguous share of a step's prompts; a job uses data_parallel_size x tensor_parallel_size
+    GPUs. The `hf` engine ignores both."""
     image_processor: dict[str, Any] = {}
     """Image-processor settings that cap an image's tokens, applied wherever the policy's processor is loaded
     (generation hf and vLLM, the pairs step's token count, training). Allowed keys per family: Qwen2-VL /
@@ -160,7 +165,9 @@ class TrainConfig(_Section):
     zero_stage: Literal[2, 3] = 3
     """DeepSpeed ZeRO stage of the shipped config."""
     hostfile: str | None = None
-    """DeepSpeed hostfile for multi-node launch."""
+    """DeepSpeed hostfile (`host slots=N` lines) for a multi-node launch over pdsh; the first host runs rank 0.
+    The workspace must be on a filesystem every host mounts at the same path, and prefloop installed at the
+    same path on each."""
     seed: int = 0
     """Training seed."""
     gradient_checkpointing: bool = False

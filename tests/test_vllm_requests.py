@@ -141,3 +141,53 @@ def test_generate_job_on_vllm_sends_one_call_per_step(family_dirs, tmp_path):
     assert [e["done"] for e in events if e["event"] == "progress"] == [0, 6]
     assert f"loaded {name} (vllm engine)" in " ".join(e["message"] for e in events if e["event"] == "log")
     assert result.summary["candidates"] == 9 and result.summary["tokens"] == 3 * (1 + 2) + 3
+
+
+# ---- parallelism ----------------------------------------------------------------------------------------
+
+def test_tensor_and_data_parallel_settings_become_engine_arguments():
+    from backend.engines import vllm as vllm_engine
+    from core.config import PolicyConfig
+
+    assert (PolicyConfig().tensor_parallel_size, PolicyConfig().data_parallel_size) == (1, 1)
+    spec = EngineSpec("org/model", tensor_parallel_size=2, data_parallel_size=4)
+    kwargs = vllm_engine.build_llm_kwargs(spec)
+    # each rank's LLM: its tensor parallel size; never data_parallel_size (vLLM's LLM refuses > 1 in one process)
+    assert kwargs["tensor_parallel_size"] == 2 and not any(k.startswith("data_parallel") for k in kwargs)
+    visible = [str(i) for i in range(8)]
+    assert vllm_engine.rank_devices(visible, 2, 4) == ["0,1", "2,3", "4,5", "6,7"]
+    assert vllm_engine.rank_devices(["3", "5", "6"], 1, 2) == ["3", "5"]  # CUDA_VISIBLE_DEVICES's own ids
+    with pytest.raises(UsageError, match=r"data_parallel_size = 4 x policy.tensor_parallel_size = 2 needs 8 GPUs "
+                                         r"and this machine sees 6"):
+        vllm_engine.rank_devices(visible[:6], 2, 4)
+    assert vllm_engine.shard_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert vllm_engine.shard_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
+
+
+def test_data_parallel_ranks_share_a_step(fake_vllm, family_dirs, images, tmp_path, monkeypatch):
+    """data_parallel_size = 2 x tensor_parallel_size = 2 on 4 (pretend) GPUs: two rank processes, each one
+    LLM on its own 2 devices, each answering a contiguous half of the step, joined back in order."""
+    calls_file = tmp_path / "vllm_calls.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_CALLS", str(calls_file))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    folder = family_dirs["tiny-qwen2-vl"]
+    engine = make_engine("vllm", EngineSpec(model_path=str(folder), tensor_parallel_size=2, data_parallel_size=2))
+    requests = [GenRequest(question=q, image=im, seed=10 + i) for i, (q, im) in enumerate(zip(QUESTIONS, images))]
+    views = [GenRequest(question=r.question, image=r.image, seed=50 + i) for i, r in enumerate(requests)]
+    policy = SamplingSpec(k=3, temperature=0.8, max_new_tokens=12)
+    try:
+        sampled, greedy = engine.generate_many([(requests, policy), (views, policy.as_greedy())])
+    finally:
+        engine.close()
+
+    assert fake_vllm.LLM.calls == [], "no LLM in the job's own process"
+    calls = [json.loads(line) for line in calls_file.read_text().splitlines()]
+    llms = [c for c in calls if c["call"] == "LLM"]
+    assert sorted(c["cuda_visible_devices"] for c in llms) == ["0,1", "2,3"]
+    assert [c["kwargs"]["tensor_parallel_size"] for c in llms] == [2, 2]
+    seeds = sorted([s["seed"] for s in c["sampling_params"]] for c in calls if c["call"] == "generate")
+    assert seeds == [[10, 11, 12, 13, 14], [50, 51, 52, 53, 54]], "one contiguous half of the 10 prompts each"
+    # the fake answers "<index in its call>/<sample>": rank 1's half starts again at 0, in the views' places
+    assert [[o.text for o in outs] for outs in sampled] == [[f"{i}/{j}" for j in range(3)] for i in range(5)]
+    assert [[o.text for o in outs] for outs in greedy] == [[f"{i}/0"] for i in range(5)]
+    assert engine.ranks.procs == [], "closed: the rank processes have exited"

@@ -116,6 +116,9 @@ class EngineSpec:
     device: str = "cpu"
     batch_size: int = 8
     tensor_parallel_size: int = 1
+    """vllm: GPUs per engine (``LLM(tensor_parallel_size=...)``)."""
+    data_parallel_size: int = 1
+    """vllm: engines, each in its own process on its own ``tensor_parallel_size`` GPUs, sharing each call's prompts."""
     adapter_path: str | None = None
     """A LoRA adapter folder on top of ``model_path`` (None: the weights are merged/full)."""
     image_processor: dict = field(default_factory=dict)

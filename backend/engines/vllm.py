@@ -6,13 +6,26 @@ with one unexpanded image placeholder per image (vLLM expands it); the placehold
 the family table (``backend.families``). vllm is imported only when the engine is built, never at module
 import. Everything the engine sends to vllm is built by the pure functions below, so tests check it
 without vllm installed. Status: not yet run on a GPU.
+
+Parallelism: ``tensor_parallel_size`` goes to ``vllm.LLM`` (one engine splits the model over that many
+GPUs). ``data_parallel_size`` is NOT an ``LLM(...)`` keyword here: vLLM's ``LLM`` refuses
+``data_parallel_size > 1`` in one process (vllm/entrypoints/llm.py; examples/offline_inference/
+data_parallel.py runs one process per rank). So with ``data_parallel_size = N`` the engine starts N
+processes (``DataParallelRanks``), each one ``LLM`` on its own ``tensor_parallel_size`` GPUs
+(``rank_devices``), and a call's prompts are cut into N contiguous shares (``shard_bounds``). For the
+dense models here the ranks need no coordination (vLLM's DP coordinator matters for MoE expert layers);
+per-request seeds make the answers independent of the split.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import itertools
 import json
 import logging
+import multiprocessing
+import os
 from pathlib import Path
 
 from backend.engines.base import (
@@ -115,7 +128,7 @@ def build_lora_request_args(adapter_path: str | None) -> tuple[str, int, str] | 
 
 
 def build_llm_kwargs(spec: EngineSpec) -> dict:
-    """Keyword arguments for ``vllm.LLM``."""
+    """Keyword arguments for ``vllm.LLM`` (of each data-parallel rank: ``data_parallel_size`` is not one)."""
     kwargs = {"model": spec.model_path, "tensor_parallel_size": spec.tensor_parallel_size,
               "dtype": spec.dtype, "enable_lora": bool(spec.adapter_path), "limit_mm_per_prompt": {"image": 1}}
     if spec.adapter_path:
@@ -149,6 +162,119 @@ def require_vllm():
     return vllm
 
 
+def _lora_request(spec: EngineSpec):
+    args = build_lora_request_args(spec.adapter_path)
+    if not args:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(*args)
+
+
+# ---- data parallel: one process per rank ----------------------------------------------------------------
+
+def visible_gpu_ids() -> list[str]:
+    """The CUDA devices this process may use: ``CUDA_VISIBLE_DEVICES`` when set, else every GPU torch sees."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [d.strip() for d in cvd.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def rank_devices(visible: list[str], tensor_parallel_size: int, data_parallel_size: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` of each data-parallel rank: consecutive blocks of ``tensor_parallel_size`` of
+    the ``visible`` devices; a UsageError naming the settings when there are too few."""
+    need = tensor_parallel_size * data_parallel_size
+    if len(visible) < need:
+        raise UsageError(f"policy.data_parallel_size = {data_parallel_size} x policy.tensor_parallel_size = "
+                         f"{tensor_parallel_size} needs {need} GPUs and this machine sees {len(visible)}: "
+                         "lower one of them")
+    return [",".join(visible[r * tensor_parallel_size:(r + 1) * tensor_parallel_size])
+            for r in range(data_parallel_size)]
+
+
+def shard_bounds(n: int, ranks: int) -> list[tuple[int, int]]:
+    """[start, end) of each rank's contiguous share of ``n`` prompts; the first ``n % ranks`` get one more."""
+    floor, extra = divmod(n, ranks)
+    starts = [r * floor + min(r, extra) for r in range(ranks + 1)]
+    return list(itertools.pairwise(starts))
+
+
+def _rank_main(spec: EngineSpec, devices: str, conn) -> None:
+    """One data-parallel rank (a spawned process): its own ``LLM`` on ``devices``, answering (prompts,
+    SamplingParams keywords) from ``conn`` with ("ok", outputs), until it gets None or the pipe closes; a
+    failure is sent as ("error", message)."""
+    os.dup2(2, 1)  # the job's stdout is the owner's protocol: vLLM's own output goes to stderr
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        vllm = require_vllm()
+        llm, lora = vllm.LLM(**build_llm_kwargs(spec)), _lora_request(spec)
+        while (work := conn.recv()) is not None:
+            prompts, kwargs = work
+            outs = llm.generate(prompts, sampling_params=[vllm.SamplingParams(**kw) for kw in kwargs],
+                                lora_request=lora, use_tqdm=False)
+            conn.send(("ok", parse_request_outputs(outs)))
+    except EOFError:
+        return
+    except Exception as err:  # noqa: BLE001 - reported to the job, which fails with it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class DataParallelRanks:
+    """``spec.data_parallel_size`` vLLM engines in spawned processes (CUDA cannot be re-initialised in a forked
+    child), each on its own GPUs; ``generate`` sends each rank its share of the prompts and joins the answers
+    in the prompts' order."""
+
+    def __init__(self, spec: EngineSpec):
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        for rank, devices in enumerate(rank_devices(visible_gpu_ids(), spec.tensor_parallel_size,
+                                                    spec.data_parallel_size)):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_rank_main, args=(spec, devices, theirs), name=f"vllm-dp{rank}")
+            proc.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.procs.append(proc)
+            log.info("vLLM data-parallel rank %d on CUDA devices %s (pid %d)", rank, devices, proc.pid)
+        atexit.register(self.close)  # before multiprocessing's own exit hook, which joins the ranks
+
+    def generate(self, prompts: list[dict], kwargs: list[dict]) -> list[list[GenOutput]]:
+        busy = [(rank, a, b) for rank, (a, b) in enumerate(shard_bounds(len(prompts), len(self.conns))) if b > a]
+        for rank, a, b in busy:
+            try:
+                self.conns[rank].send((prompts[a:b], kwargs[a:b]))
+            except OSError:  # the rank has exited: its error (or EOF) is read below
+                pass
+        outputs: list[list[GenOutput]] = []
+        for rank, _, _ in busy:
+            try:
+                status, reply = self.conns[rank].recv()
+            except EOFError:
+                raise RuntimeError(f"vLLM data-parallel rank {rank} stopped (exit code "
+                                   f"{self.procs[rank].exitcode}); its error is in the job's stderr") from None
+            if status == "error":
+                raise RuntimeError(f"vLLM data-parallel rank {rank} failed: {reply}")
+            outputs.extend(reply)
+        return outputs
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        atexit.unregister(self.close)
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            conn.close()
+        for proc in self.procs:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                proc.terminate()
+        self.conns, self.procs = [], []
+
+
 class VLLMEngine:
     name = "vllm"
     requests_per_call = None  # the whole step: vLLM schedules its own batches
@@ -161,14 +287,9 @@ class VLLMEngine:
         self._vllm = vllm
         self.processor = load_processor(spec.model_path, image_processor=spec.image_processor)
         self.placeholder = _family_placeholder(spec.model_path)
-        self.llm = vllm.LLM(**build_llm_kwargs(spec))
-        args = build_lora_request_args(spec.adapter_path)
-        if args:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest(*args)
-        else:
-            self.lora = None
+        self.ranks = DataParallelRanks(spec) if spec.data_parallel_size > 1 else None
+        self.llm = vllm.LLM(**build_llm_kwargs(spec)) if self.ranks is None else None
+        self.lora = _lora_request(spec) if self.ranks is None else None  # each rank builds its own
 
     def generate(self, requests: list[GenRequest], params: SamplingSpec) -> list[list[GenOutput]]:
         return self.generate_many([(requests, params)])[0]
@@ -177,12 +298,16 @@ class VLLMEngine:
         prompts, kwargs = build_step(groups, self.processor.apply_chat_template, self.placeholder)
         if not prompts:
             return [[] for _ in groups]
+        if self.ranks is not None:
+            return split_outputs(self.ranks.generate(prompts, kwargs), groups)
         sampling = [self._vllm.SamplingParams(**kw) for kw in kwargs]
         outs = self.llm.generate(prompts, sampling_params=sampling, lora_request=self.lora, use_tqdm=False)
         return split_outputs(parse_request_outputs(outs), groups)
 
     def close(self) -> None:
         self.llm = None
+        if self.ranks is not None:
+            self.ranks.close()
 
 
 def _family_placeholder(model_path: str) -> tuple[str, str] | None:

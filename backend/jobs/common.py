@@ -7,6 +7,8 @@ to stderr, kept in the run folder), and exits 1.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,6 +29,15 @@ def read_input(path: Path, columns: Sequence[str], error: type[PrefloopError] = 
     if missing:
         raise error(f"{path} lacks column(s) {', '.join(missing)} (needs {', '.join(columns)})")
     return table.select(list(columns)).to_pylist()
+
+
+def check_run_dir(run_dir: Path, host: str | None = None) -> None:
+    """Every rank's first step: this host (``host``, default its hostname) sees the run folder the owner wrote,
+    i.e. can read its ``config.json``. On another node that fails when the workspace is not on a filesystem
+    every node mounts at the same path; the error says so."""
+    if not os.access(Path(run_dir) / "config.json", os.R_OK):
+        raise UsageError(f"the workspace must be on a filesystem every node mounts at the same path: {run_dir} "
+                         f"is not visible on {host or socket.gethostname()}")
 
 
 def run_main(main: Callable[[list[str]], int], what: str) -> None:

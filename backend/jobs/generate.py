@@ -121,7 +121,8 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     engine = make_engine(pol.engine, EngineSpec(
         model_path=cfg.model_path, dtype=pol.dtype, device=cfg.device, batch_size=gen.batch_size,
-        tensor_parallel_size=pol.tensor_parallel_size, adapter_path=cfg.adapter_path,
+        tensor_parallel_size=pol.tensor_parallel_size, data_parallel_size=pol.data_parallel_size,
+        adapter_path=cfg.adapter_path,
         image_processor=pol.image_processor))
     job.log(f"loaded {model_name} ({pol.engine} engine) in {time.perf_counter() - t0:.1f} s")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from backend import dpo, ref_cache, sft
-from backend.jobs.common import read_input
+from backend.jobs.common import check_run_dir, read_input
 from backend.jobs.configs import TRAIN_INPUT, TrainJobConfig, load_job_config
 from backend.progress import emit, parse_line, write_atomic
 from backend.progress import log as log_event
@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
+        check_run_dir(args.run_dir)  # multi-node: the workspace must be on a filesystem every host mounts
         summary = train(args.run_dir)
     except PrefloopError as err:
         emit("error", message=str(err))

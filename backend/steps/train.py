@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backend import launch
-from backend.job_runner import CancelCheck, EventHandler, Job, write_config
+from backend.job_runner import CancelCheck, EventHandler, Job, job_env, write_config
 from backend.jobs.configs import TRAIN_INPUT, TrainJobConfig
 from backend.models import default_device, resolve_dtype
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
@@ -92,8 +92,10 @@ def run_train(ws: Workspace, *, overrides: dict[str, Any] | None = None, on_even
         ref_cache_dir=str(ws.lay.round_dir(round_id) / "ref_cache"))
     write_config(run_dir, config.model_dump())
     argv = launch.train_command(run_dir, train)
+    launch.write_rank_env(run_dir, train, job_env(processes=train.num_processes))  # multi-node only
     with tracked_step(ws, round_id, "train", run_dir):
-        result = Job(argv, run_dir, on_event=on_event, cancel=cancel, processes=train.num_processes).wait()
+        result = Job(argv, run_dir, on_event=on_event, cancel=cancel, processes=train.num_processes,
+                     parse=launch.event_parser(train)).wait()
         meta = json.loads((out_dir / "meta.json").read_text())
         rounds.complete_training(cur, round_id=round_id, metrics=result.metrics, open_next=open_next, checkpoint={
             "checkpoint_id": checkpoint_id, "round_id": round_id, "parent_id": parent_id,

@@ -5,7 +5,7 @@ sys.path (tests/test_vllm_requests.py's ``fake_vllm`` fixture) or on PYTHONPATH 
 (padded with spaces, ``sample + 1`` token ids, finish reason ``stop``) for each of a prompt's ``n``
 samples. In process the calls are in ``LLM.calls``; when the environment names a file in
 ``FAKE_VLLM_CALLS`` each call is also appended to it as one JSON line, for a test to read after the job:
-``{"call": "LLM", "kwargs": ...}`` and ``{"call": "generate", "prompts": [{"prompt": text, "image":
+``{"call": "LLM", "kwargs": ..., "cuda_visible_devices": the process's CUDA_VISIBLE_DEVICES}`` and ``{"call": "generate", "prompts": [{"prompt": text, "image":
 [width, height] or None}], "sampling_params": [keywords], "lora_request": {name, id, path} or None}``.
 """
 
@@ -38,7 +38,7 @@ class LLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
-        _record({"call": "LLM", "kwargs": kwargs})
+        _record({"call": "LLM", "kwargs": kwargs, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
 
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True):
         LLM.calls.append({"prompts": prompts, "sampling_params": sampling_params,
