@@ -126,3 +126,15 @@ def test_doctor_command_and_round_start_stop_on_a_failure(tmp_path, tiny_model_d
     assert main(["round", "start", "-w", str(ws), "--quiet", "--set", 'judges.default=["gemini"]']) == 2
     assert "preflight checks failed" in capsys.readouterr().err
     assert q(ws, "SELECT count(*) FROM candidates")[0][0] == 0, "no job may run before the preflight"
+
+
+def test_smoke_runs_generate_train_and_merge_on_this_machine(tmp_path, capsys):
+    from app.cli import main
+
+    assert main(["doctor", "--smoke", "--keep", str(tmp_path / "smoke")]) == 0
+    out = capsys.readouterr().out
+    assert "OK      generate (hf)" in out and "4 candidates" in out
+    assert "1 step(s), merged weights" in out
+    assert "vllm is not installed" in out and "0 GPU(s) seen, 2 needed" in out
+    assert "smoke run: 2 ok, 0 failed, 2 skipped" in out
+    assert (tmp_path / "smoke" / "checkpoint-0" / "config.json").is_file()
