@@ -207,6 +207,26 @@ RefKeyFn = Callable[[str, dict], str]
 """(image_path, TRL row as fed) -> the pair's reference-cache key."""
 
 
+def check_images(paths, what: str, redo: str) -> None:
+    """A JobFailed naming the first missing image file of ``paths`` (``what``: "the pairs"; ``redo``: the step)."""
+    missing = sorted({p for p in paths if not Path(p).is_file()})
+    if missing:
+        raise JobFailed(f"{len(missing)} image file(s) of {what} are missing, e.g. {missing[0]}; "
+                        f"re-run {redo} or restore the image store")
+
+
+def to_dataset(rows: list[dict], image_feature, message_columns: tuple[str, ...], extra: dict | None = None):
+    """``rows`` as a datasets.Dataset of TRL's conversational vision format (None when there are none)."""
+    import datasets
+
+    message = datasets.List({"role": datasets.Value("string"),
+                             "content": datasets.List({"type": datasets.Value("string"),
+                                                       "text": datasets.Value("string")})})
+    features = datasets.Features({"images": datasets.List(image_feature),
+                                  **dict.fromkeys(message_columns, message), **(extra or {})})
+    return datasets.Dataset.from_list(rows, features=features) if rows else None
+
+
 def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: RefKeyFn | None = None):
     """TRL vision preference rows for the pairs that fit, in a seeded shuffled order, and the counts.
 
@@ -219,10 +239,7 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: Ref
     import datasets
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-    missing = sorted({p["image_path"] for p in pairs if not Path(p["image_path"]).is_file()})
-    if missing:
-        raise JobFailed(f"{len(missing)} image file(s) of the pairs are missing, e.g. {missing[0]}; "
-                        "re-run the pairs step or restore the image store")
+    check_images((p["image_path"] for p in pairs), "the pairs", "the pairs step")
     stats = PairStats(total=len(pairs))
     limit = limit_of(train.max_length)
     collator = DataCollatorForVisionPreference(processor=processor, max_length=None)
@@ -251,13 +268,8 @@ def build_dataset(pairs: list[dict], processor, train: TrainConfig, ref_key: Ref
         rows.append(row)
     stats.used = len(rows)
     random.Random(train.seed).shuffle(rows)
-    message = datasets.List({"role": datasets.Value("string"),
-                             "content": datasets.List({"type": datasets.Value("string"),
-                                                       "text": datasets.Value("string")})})
-    features = datasets.Features({"images": datasets.List(image_feature), "prompt": message,
-                                  "chosen": message, "rejected": message,
-                                  **({REF_KEY: datasets.Value("string")} if ref_key is not None else {})})
-    dataset = datasets.Dataset.from_list(rows, features=features) if rows else None
+    extra = {REF_KEY: datasets.Value("string")} if ref_key is not None else None
+    dataset = to_dataset(rows, image_feature, ("prompt", "chosen", "rejected"), extra)
     return dataset, stats
 
 
@@ -452,11 +464,9 @@ def build_trainer(model, ref_model, processor, dataset, args, peft_config, metri
     it is a CachedRefDPOTrainer. ``reference_available`` is False when the job did not load the
     reference because every pair was cached; a full fine-tune then gets a weightless stand-in.
     """
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import DPOTrainer
 
-    kwargs = {"args": args, "train_dataset": dataset, "processing_class": processor, "peft_config": peft_config,
-              "callbacks": [metrics_callback(metrics_path)]}
+    kwargs = {"args": args, "train_dataset": dataset, "processing_class": processor, "peft_config": peft_config}
     if ref_cache is not None:
         if ref_model is None and peft_config is None and not reference_available:
             ref_model = no_reference_model(model.config)
@@ -464,8 +474,16 @@ def build_trainer(model, ref_model, processor, dataset, args, peft_config, metri
                                                  "reference_available": reference_available}
     else:
         cls = DPOTrainer
+    return make_trainer(cls, metrics_path, model=model, ref_model=ref_model, **kwargs)
+
+
+def make_trainer(cls, metrics_path: Path, **kwargs):
+    """A TRL trainer ``cls(**kwargs)`` with our metrics callback instead of the printing/progress-bar ones;
+    a LoRA target that matches nothing is a JobFailed naming train.lora_target (DPO and SFT share this)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
     try:
-        trainer = cls(model=model, ref_model=ref_model, **kwargs)
+        trainer = cls(callbacks=[metrics_callback(metrics_path)], **kwargs)
     except ValueError as err:
         if "Target modules" in str(err) or "target_modules" in str(err):
             raise JobFailed(f"train.lora_target matches no module of the model: {err}") from None

@@ -27,7 +27,6 @@ from backend.progress import progress
 from backend.token_budget import cap_answer, limit_of
 from core import steerlm
 from core.config import TrainConfig
-from core.errors import JobFailed
 from core.trl_format import answer_messages, prompt_messages
 
 log = logging.getLogger(__name__)
@@ -90,10 +89,7 @@ def build_dataset(examples: list[dict], processor, train: TrainConfig):
     import datasets
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    missing = sorted({e["image_path"] for e in examples if not Path(e["image_path"]).is_file()})
-    if missing:
-        raise JobFailed(f"{len(missing)} image file(s) of the training examples are missing, e.g. {missing[0]}; "
-                        "re-run the train step or restore the image store")
+    dpo.check_images((e["image_path"] for e in examples), "the training examples", "the train step")
     stats = dpo.PairStats(total=len(examples), skipped={"empty": 0, "too_long": 0})
     limit = limit_of(train.max_length)
     collator = DataCollatorForVisionLanguageModeling(processor=processor, max_length=None, completion_only_loss=True)
@@ -120,11 +116,7 @@ def build_dataset(examples: list[dict], processor, train: TrainConfig):
         rows.append(row)
     stats.used = len(rows)
     random.Random(train.seed).shuffle(rows)
-    message = datasets.List({"role": datasets.Value("string"),
-                             "content": datasets.List({"type": datasets.Value("string"),
-                                                       "text": datasets.Value("string")})})
-    features = datasets.Features({"images": datasets.List(image_feature), "prompt": message, "completion": message})
-    dataset = datasets.Dataset.from_list(rows, features=features) if rows else None
+    dataset = dpo.to_dataset(rows, image_feature, ("prompt", "completion"))
     return dataset, stats
 
 
@@ -137,16 +129,7 @@ def no_examples_message(stats: dpo.PairStats, train: TrainConfig) -> str:
 def build_trainer(model, processor, dataset, args, peft_config, metrics_path: Path):
     """TRL's SFTTrainer with the processor as processing class (its vision collator), our metrics callback
     instead of the printing/progress-bar ones."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTTrainer
 
-    try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                             peft_config=peft_config, callbacks=[dpo.metrics_callback(metrics_path)])
-    except ValueError as err:
-        if "Target modules" in str(err) or "target_modules" in str(err):
-            raise JobFailed(f"train.lora_target matches no module of the model: {err}") from None
-        raise
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
+    return dpo.make_trainer(SFTTrainer, metrics_path, model=model, args=args, train_dataset=dataset,
+                            processing_class=processor, peft_config=peft_config)
