@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -95,6 +96,11 @@ class JudgeTraits:
     """Calls ``hooks.on_progress`` as items finish (else the judge step feeds it chunks and reports per chunk)."""
     variant: str | None = None
     """The judge's variant (the critic's mode), part of the step's name: ``judge-critic-pairwise``."""
+    deferred: bool = False
+    """Answers later (Gemini's Batch API): it is a :class:`DeferredJudge`, whose ``prepare(items, state_dir)``
+    submits the requests or polls them and raises ``core.errors.Waiting`` until the replies are in. The judge
+    step calls it before the step starts, with the step's run folder for the state that must survive a
+    restart of the owner."""
 
 
 class ModelRequest(Protocol):
@@ -151,6 +157,16 @@ class Judge(Protocol):
     """the callbacks the judge step plugs in (a judge that uses none keeps ``JudgeHooks()``)"""
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]: ...
+
+
+class DeferredJudge(Judge, Protocol):
+    """A judge whose traits say ``deferred``: its replies come later than the call that asks for them."""
+
+    def prepare(self, items: Sequence[JudgeItem], state_dir: Path) -> None:
+        """Submit the requests ``items`` need (once), or poll the submitted ones; keep what must survive a
+        restart in ``state_dir``. Returns when every reply is in (``judge(items)`` then answers from them);
+        raises ``core.errors.Waiting`` while some are not."""
+        ...
 
 
 def rubric_overall(s: CandidateScore) -> float | None:

@@ -205,9 +205,14 @@ def load_image(path: Path) -> tuple[bytes, str, tuple[int, int]]:
 
 def estimate_tokens(text: str, image_size: tuple[int, int]) -> int:
     """Input tokens before the call: ~4 characters a token, 258 tokens per 768-pixel image tile."""
+    return estimate_tokens_of(len(text), image_size)
+
+
+def estimate_tokens_of(chars: int, image_size: tuple[int, int]) -> int:
+    """``estimate_tokens`` from the text's length alone."""
     w, h = image_size
     tiles = 1 if max(w, h) <= 384 else math.ceil(w / IMAGE_TILE) * math.ceil(h / IMAGE_TILE)
-    return math.ceil(len(text) / 4) + IMAGE_TOKENS_PER_TILE * tiles
+    return math.ceil(chars / 4) + IMAGE_TOKENS_PER_TILE * tiles
 
 
 class GeminiJudge:
@@ -359,12 +364,17 @@ class GeminiJudge:
             )
         return self._gen_configs[k]
 
+    @staticmethod
+    def _contents(call: _Call) -> list[types.Content]:
+        """The user turn of a request: the image, then the question and the candidates."""
+        return [types.Content(role="user", parts=[types.Part.from_bytes(data=call.image, mime_type=call.mime),
+                                                  types.Part.from_text(text=call.user_prompt)])]
+
     async def _send(self, client, call: _Call):
         """(response, latency_ms, attempts), or the _Failure that ended the retries."""
         cfg = self.config
         gen_config = self._gen_config(len(call.order))
-        contents = [types.Content(role="user", parts=[types.Part.from_bytes(data=call.image, mime_type=call.mime),
-                                                      types.Part.from_text(text=call.user_prompt)])]
+        contents = self._contents(call)
         attempt = 0
         while True:
             attempt += 1
@@ -404,9 +414,10 @@ class GeminiJudge:
                      failure.message, attempt, cfg.max_retries, delay)
             await asyncio.sleep(delay)
 
-    def _record(self, call: _Call, response: types.GenerateContentResponse, latency_ms: float,
+    def _record(self, call: _Call, response: types.GenerateContentResponse, latency_ms: float | None,
                 attempts: int) -> dict:
-        """The cache line for a paid reply: parsed scores by input index, or why it is invalid."""
+        """The cache line for a paid reply: parsed scores by input index, or why it is invalid (``latency_ms``
+        None for a reply from a batch job)."""
         text = _reply_text(response)
         usage = response.usage_metadata
         tokens_in = usage.prompt_token_count if usage else None
@@ -417,7 +428,8 @@ class GeminiJudge:
             "key": call.key, "judge": self.name, "template_version": TEMPLATE_VERSION, "model": self.config.model,
             "prompt_id": call.item.prompt_id, "candidate_ids": [c.candidate_id for c in call.item.candidates],
             "order": call.order, "status": "ok", "raw_output": text, "reasoning": None, "scores": None,
-            "error": None, "latency_ms": round(latency_ms, 1), "tokens_in": tokens_in, "tokens_out": tokens_out,
+            "error": None, "latency_ms": None if latency_ms is None else round(latency_ms, 1),
+            "tokens_in": tokens_in, "tokens_out": tokens_out,
             "attempts": attempts, "created_at": time.time(),
         }
         try:
@@ -472,9 +484,15 @@ def verdict_from_record(record: dict, item: JudgeItem) -> Verdict:
                    tokens_out=record.get("tokens_out"))
 
 
-def make_gemini(config: WorkspaceConfig, workspace_root: Path) -> GeminiJudge:
-    """The workspace's Gemini judge (cache at runs/judge_cache/gemini-<template version>.jsonl)."""
+def make_gemini(config: WorkspaceConfig, workspace_root: Path):
+    """The workspace's Gemini judge (cache at runs/judge_cache/gemini-<template version>.jsonl); with
+    ``judges.gemini.mode = "batch"`` wrapped in ``annotators.gemini_batch.GeminiBatchJudge``."""
     root = Path(workspace_root)
     gcfg = config.judges.gemini
-    return GeminiJudge(gcfg, root / "runs" / "judge_cache" / f"gemini-{TEMPLATE_VERSION}.jsonl",
-                       seed=getattr(gcfg, "seed", 0), image_root=root)
+    judge = GeminiJudge(gcfg, root / "runs" / "judge_cache" / f"gemini-{TEMPLATE_VERSION}.jsonl",
+                        seed=getattr(gcfg, "seed", 0), image_root=root)
+    if gcfg.mode == "batch":
+        from annotators.gemini_batch import GeminiBatchJudge
+
+        return GeminiBatchJudge(judge)
+    return judge

@@ -99,9 +99,16 @@ class JudgeCache:
 
     def append(self, record: dict) -> None:
         """Write one record durably (write + fsync) and remember it."""
-        if "key" not in record:
+        self.extend([record])
+
+    def extend(self, records: Sequence[dict]) -> None:
+        """Write several records durably in one write + fsync (a batch job's replies) and remember them."""
+        if not records:
+            return
+        if any("key" not in r for r in records):
             raise ValueError("a cache record needs a 'key'")
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        line = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
+                       for r in records).encode("utf-8")
         with self._lock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -115,4 +122,5 @@ class JudgeCache:
                     os.close(fd)
             except OSError as err:
                 raise CacheError(f"cannot write the judge cache {self.path}: {err.strerror or err}") from None
-            self._records[record["key"]] = record
+            for record in records:
+                self._records[record["key"]] = record

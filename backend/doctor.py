@@ -55,6 +55,11 @@ class Context:
     """Memory of the smallest visible GPU (None: read it)."""
     estimate_on_cpu: bool = True
     """Estimate GPU memory even without a GPU (the doctor command does; round start skips it on CPU)."""
+    judge_inputs: list[dict] | None = None
+    """The prompts a judge step of the round sees (``storage.judge_usage.judge_inputs``); None: not
+    counted."""
+    judge_measured: dict | None = None
+    """Tokens of the gemini replies already stored (``storage.judge_usage.measured_tokens``)."""
 
 
 def _model(path: str, what: str) -> tuple[Check, object | None]:
@@ -185,6 +190,23 @@ def check_gemini_key(ctx: Context) -> Check:
                  "export GEMINI_API_KEY=... (never in prefloop.toml)")
 
 
+def check_judge_cost(ctx: Context) -> Check:
+    cfg = ctx.config
+    used = "gemini" in cfg.judges.default or cfg.round.eval_judge == "gemini" or cfg.pairs.judge == "gemini"
+    if not used:
+        return Check("judge cost", SKIP, "no step of this run uses the gemini judge")
+    if ctx.judge_inputs is None:
+        return Check("judge cost", SKIP, "the round's prompts were not counted")
+    from annotators.gemini_cost import estimate, usd
+
+    g = cfg.judges.gemini
+    est = estimate(ctx.judge_inputs, g, cfg.generation, ctx.judge_measured)
+    return Check("judge cost", OK, f"gemini judge step (judges.gemini.mode = {g.mode}): {est.prompts} "
+                 f"prompts, ~{count(est.tokens_in)} input + ~{count(est.tokens_out)} output tokens (output: "
+                 f"{est.output_basis}); online ~{usd(est.online_usd)}, batch ~{usd(est.batch_usd)} at {g.model}'s prices in "
+                 "judges.gemini (check them against Google's price page)")
+
+
 def check_disk(ctx: Context) -> Check:
     from transformers import AutoConfig
 
@@ -214,7 +236,8 @@ def check_nodes(ctx: Context) -> Check:
 
 CHECKS: dict[str, Callable[[Context], Check]] = {
     "policy": check_policy, "critic": check_critic, "gpus": check_gpus, "memory": check_memory,
-    "lengths": check_lengths, "gemini_key": check_gemini_key, "disk": check_disk, "nodes": check_nodes,
+    "lengths": check_lengths, "gemini_key": check_gemini_key, "judge_cost": check_judge_cost,
+    "disk": check_disk, "nodes": check_nodes,
 }
 """name -> check, in the order printed."""
 
@@ -255,4 +278,9 @@ def context_for(ws, config: WorkspaceConfig | None = None, *, estimate_on_cpu: b
                          config.policy.image_processor)
         if isinstance(budget, Budget):
             ctx.longest_pair, ctx.too_long = budget.longest, budget.too_long
+    if "gemini" in [*config.judges.default, config.round.eval_judge, config.pairs.judge]:
+        from storage import judge_usage
+
+        ctx.judge_inputs = judge_usage.judge_inputs(ws.cursor(), rnd["round_id"])
+        ctx.judge_measured = judge_usage.measured_tokens(ws.cursor(), "gemini")
     return ctx

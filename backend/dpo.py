@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,38 @@ def lora_config(train: TrainConfig, model):
                             f"(looked for {', '.join(family.projector)}); set train.train_projector = false")
     return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
                       target_modules=lora_target(family, train.lora_target), modules_to_save=modules_to_save)
+
+
+def model_part(family, name: str) -> str:
+    """Which part of the model a parameter belongs to: projector, vision_tower or language_model (the rest:
+    the LM, its embeddings and head)."""
+    if any(f".{p}." in f".{name}" for p in family.projector):
+        return "projector"
+    if re.search(family.vision_tower, name):
+        return "vision_tower"
+    return "language_model"
+
+
+def trainable(train: TrainConfig, model):
+    """The peft config for LoRA; for a full fine-tune None, after freezing the parts not in
+    ``train.full_modules`` (requires_grad off). Logs what trains."""
+    if train.lora:
+        return lora_config(train, model)
+    if set(train.full_modules) == {"language_model", "vision_tower", "projector"}:
+        return None
+    from backend.families import family_of
+
+    family = family_of(model.config)
+    counts = {"train": 0, "frozen": 0}
+    for name, param in model.named_parameters():
+        param.requires_grad = model_part(family, name) in train.full_modules
+        counts["train" if param.requires_grad else "frozen"] += param.numel()
+    if counts["train"] == 0:
+        raise JobFailed(f"train.full_modules = {train.full_modules}: no parameter of {type(model).__name__} "
+                        "belongs to them")
+    emit("log", message=f"full fine-tuning of {', '.join(train.full_modules)}: {counts['train']:,} parameters "
+                        f"train, {counts['frozen']:,} frozen")
+    return None
 
 
 @dataclass

@@ -6,7 +6,9 @@ step finished and its output was ingested, so ``resume`` after a crash re-runs t
 what is unjudged, pairs are replaced until frozen, training rebuilds its folder) and never a finished
 one. ``run_rounds(ws, n)`` trains ``n`` rounds and then stops at the next round's review, so
 reviewers always have fresh items; with review ``required`` it also stops at a gate whose quota is
-not met. A cancel request (a file in ``runs/``, so another process can ask) stops the running job.
+not met, and a step that waits for something outside (``core.errors.Waiting``: a Gemini batch job) stops
+the round with status ``waiting``; `round resume` runs that step again. A cancel request (a file in
+``runs/``, so another process can ask) stops the running job.
 
 ``start_round`` / ``resume_round`` are the one place that says what `round start` and `round resume`
 mean (recipe or override file, the round's saved config and loop count, the audit row); the CLI, the
@@ -27,7 +29,7 @@ from backend.steps.generate import run_generate
 from backend.steps.pairs import run_pairs
 from backend.steps.train import run_train
 from core import config as cfgmod
-from core.errors import PrefloopError, UsageError
+from core.errors import PrefloopError, UsageError, Waiting
 from storage import rounds
 from storage.workspace import Workspace
 
@@ -185,6 +187,10 @@ def run_rounds(ws: Workspace, n: int = 1, *, on_event: EventHandler | None = Non
         except WaitingForReview as w:
             rounds.set_round(cur, r, status="waiting_review" if trained < n else "collecting", step="review")
             return {"trained": trained, "stopped": str(w), "round_id": r, "steps": done_steps}
+        except Waiting as w:  # e.g. a Gemini batch job still running: the step runs again on resume
+            rounds.set_round(cur, r, status=w.round_status)
+            return {"trained": trained, "round_id": r, "steps": done_steps,
+                    "stopped": f"round {r} waits for {w.what}; `prefloop round resume` picks the results up"}
         except Cancelled as c:
             rounds.set_round(cur, r, status="cancelled", error=str(c))
             (ws.lay.runs / CANCEL_FILE).unlink(missing_ok=True)
@@ -212,13 +218,13 @@ def request_cancel(ws_root) -> None:
 
 # ------------------------------------------------------------------------------------ start and resume
 
-RESUMABLE = ("failed", "cancelled", "waiting_review")
+RESUMABLE = ("failed", "cancelled", "waiting_review", Waiting.round_status)
 """Round statuses `round resume` continues from."""
 
 
 class NothingToResume(PrefloopError):
-    """`round resume` on a round that is not failed, cancelled or waiting for review: nothing is wrong (the
-    callers print the message and exit 0)."""
+    """`round resume` on a round that is not failed, cancelled or waiting (for review or a Gemini batch):
+    nothing is wrong (the callers print the message and exit 0)."""
 
     exit_code = 0
 
@@ -291,7 +297,8 @@ def start_round(ws: Workspace, n: int = 1, *, recipe: str | None = None, config:
 
 
 def resume_round(ws: Workspace) -> RoundRun:
-    """`round resume`: continue a failed, cancelled or review-gated round with its saved config, for the
+    """`round resume`: continue a failed, cancelled, waiting or review-gated round with its saved config, for
+    the
     rounds its loop had left (at least 1). Raises NothingToResume for a round in any other state."""
     r = rounds.current_round(ws.cursor())
     saved = json.loads(r["config"]) if r["config"] else {}

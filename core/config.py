@@ -116,6 +116,10 @@ class TrainConfig(_Section):
     of the language model (never the vision tower; see backend/families.py)."""
     train_projector: bool = True
     """Also train the multimodal projector in full (peft modules_to_save; the family's projector module)."""
+    full_modules: list[Literal["language_model", "vision_tower", "projector"]] = [
+        "language_model", "vision_tower", "projector"]
+    """Full fine-tuning (lora = false): the parts of the model that train, the others frozen (the family's
+    module names, backend/families.py); e.g. `["projector"]` with method `sft` is LLaVA's stage-1 alignment."""
     loss: list[str] = ["sigmoid"]
     """DPO loss types: sigmoid, ipo, hinge, robust, sft (several are summed with `loss_weights`)."""
     loss_weights: list[float] | None = None
@@ -188,6 +192,13 @@ class TrainConfig(_Section):
                 raise ValueError(f"{key} must be between 0 and {steerlm.SCALE_MAX} (got {value})")
         return v
 
+    @field_validator("full_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("full_modules is empty: name at least one of language_model, vision_tower, projector")
+        return v
+
     @field_validator("loss")
     @classmethod
     def _known_losses(cls, v: list[str]) -> list[str]:
@@ -226,6 +237,27 @@ class GeminiConfig(_Section):
     """Retries on 408/429/5xx and timeouts, with exponential backoff and jitter."""
     backoff_s: float = Field(1.0, gt=0)
     """First backoff delay in seconds."""
+    mode: Literal["online", "batch"] = "online"
+    """`online`: one call per prompt while the step runs. `batch`: the step's requests go to the Gemini Batch
+    API (about half the online price, results within a day); the round stops and waits, and `prefloop round
+    resume` picks the results up (items the batch could not answer are then sent online)."""
+    batch_poll_s: float = Field(0.0, ge=0)
+    """Batch mode: how long the judge step keeps polling a submitted batch before the round stops to wait
+    (0: look once)."""
+    batch_poll_interval_s: float = Field(30.0, gt=0)
+    """Batch mode: seconds between two polls within `batch_poll_s`."""
+    batch_max_mb: float = Field(19.0, gt=0, le=20)
+    """Batch mode: the largest batch job, in MB of inlined requests (Google takes at most 20 MB inline); a
+    larger step is split into several jobs."""
+    # Prices in USD per million tokens for `model`. The defaults are gemini-2.5-flash's paid tier (text and
+    # image input; output includes thinking tokens) as published on the day they were written: check
+    # https://ai.google.dev/gemini-api/docs/pricing before relying on them. Used only for estimates.
+    price_input_per_mtok: float = Field(0.30, ge=0)
+    """Online price of a million input tokens, USD (`prefloop doctor`'s estimate)."""
+    price_output_per_mtok: float = Field(2.50, ge=0)
+    """Online price of a million output tokens (thinking included), USD (`prefloop doctor`'s estimate)."""
+    batch_discount: float = Field(0.5, gt=0, le=1)
+    """Batch price as a fraction of the online price (0.5: half)."""
 
 
 class CriticConfig(_Section):

@@ -60,6 +60,19 @@ class JobFailed(PrefloopError):
     """A job subprocess exited with an error; the step is marked failed and can be retried."""
 
 
+class Waiting(PrefloopError):
+    """Not a failure: a step waits for something outside prefloop (a Gemini batch job). The round stops
+    there with status ``waiting``, nothing is lost, and `prefloop round resume` continues."""
+
+    exit_code = 0
+    round_status = "waiting"
+
+    def __init__(self, what: str):
+        """``what`` completes "round 3 waits for ...": "Gemini batch batches/abc (state RUNNING, ...)"."""
+        super().__init__(f"waiting for {what}")
+        self.what = what
+
+
 class AuthError(PrefloopError):
     """Not logged in, wrong password, or a role that may not do this."""
 

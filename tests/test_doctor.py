@@ -123,6 +123,7 @@ def test_doctor_command_and_round_start_stop_on_a_failure(tmp_path, tiny_model_d
     assert main(["doctor", "-w", str(ws), "--set", 'judges.default=["gemini"]']) == 1
     out = capsys.readouterr().out
     assert "FAIL  Gemini key" in out and "round start` stops on them" in out
+    assert "OK    judge cost" in out and "5 prompts" in out and "online ~$" in out and "batch ~$" in out
     assert main(["round", "start", "-w", str(ws), "--quiet", "--set", 'judges.default=["gemini"]']) == 2
     assert "preflight checks failed" in capsys.readouterr().err
     assert q(ws, "SELECT count(*) FROM candidates")[0][0] == 0, "no job may run before the preflight"

@@ -189,6 +189,26 @@ def test_sft_trains_a_tiny_family(family_dirs, tmp_path):
     assert any("language_model" in n for n in changed), changed
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-idefics3"])
+def test_projector_only_sft_leaves_the_rest_frozen(family_dirs, tiny_model_dir, tmp_path, name):
+    """LLaVA's stage-1 alignment: `prefloop sft --projector-only` (train.full_modules = ["projector"])."""
+    from backend import families, models
+    from backend.dpo import model_part
+
+    folder = tiny_model_dir if name == "tiny" else family_dirs[name]
+    run_dir = make_run(tmp_path, folder, make_pairs(tmp_path, 2), max_steps=1, method="sft", lora=False,
+                       full_modules=["projector"], base_model=name)
+    rc, events, stderr = run_job(run_dir)
+    assert rc == 0, stderr[-3000:]
+    assert any("full fine-tuning of projector" in e.get("message", "") for e in of(events, "log"))
+    out = of(events, "done")[0]["summary"]["output_dir"]
+    family = families.family_of(folder)
+    before = dict(models.load_model(folder).named_parameters())
+    after = dict(models.load_model(out).named_parameters())
+    changed = {model_part(family, n) for n, p in after.items() if not p.detach().equal(before[n].detach())}
+    assert changed == {"projector"}, changed
+
+
 # ---- through the loop and the rounds tab -----------------------------------------------------------------
 
 def test_an_sft_round_through_the_loop_shows_its_method(tmp_path, tiny_model_dir):

@@ -8,6 +8,7 @@ from annotators.critic import MODES
 from annotators.registry import DESCRIPTIONS, JUDGES
 from app.commands._ws import actor, workspace_for
 from app.progress import TerminalEvents
+from core.errors import Waiting
 from storage import audit
 
 
@@ -29,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
     with workspace_for(args, "prefloop judge") as ws, \
             TerminalEvents(f"judge {args.judge}", verbose=args.verbose, quiet=args.quiet) as events:
-        s = run_judge(ws, args.judge, round_id=args.round_id, limit=args.limit, retry_invalid=args.retry_invalid,
-                      mode=args.mode, on_event=events)
+        try:
+            s = run_judge(ws, args.judge, round_id=args.round_id, limit=args.limit,
+                          retry_invalid=args.retry_invalid, mode=args.mode, on_event=events)
+        except Waiting as w:  # judges.gemini.mode = "batch": the job runs at Google
+            print(f"waits for {w.what}; run the same `prefloop judge` again to pick the results up")
+            return 0
         if s["candidates"]:
             audit.record(ws.cursor(), actor(), "judge", {k: v for k, v in s.items() if k != "message"})
     if s.get("message"):

@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {k: getattr(args, k) for k in ("method", "loss", "beta", "learning_rate", "epochs", "lora", "reference",
-                                               "launcher", "num_processes")}
+    overrides = {k: getattr(args, k, None) for k in ("method", "loss", "beta", "learning_rate", "epochs", "lora",
+                                                     "reference", "launcher", "num_processes", "full_modules")}
     with open_workspace(args.workspace, command="prefloop train") as ws, \
             TerminalEvents("train", verbose=args.verbose, quiet=args.quiet) as events:
         s = run_train(ws, overrides=overrides, on_event=events)

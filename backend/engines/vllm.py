@@ -1,6 +1,7 @@
 """The ``vllm`` engine (GPU extra): ``SamplingParams(n=k, ...)`` per request, LoRA via ``LoRARequest``.
 
-A step's requests (every view) go to ONE ``LLM.generate`` call: vLLM schedules its own batches. Each
+A call's requests (every view of up to ``backend.jobs.shards.UNBATCHED_CALL`` = 1024 prompts: one shard of
+a resumable generate job) go to ONE ``LLM.generate`` call: vLLM schedules its own batches. Each
 prompt is the model's own chat template rendered by its processor (loaded alone, never the weights),
 with one unexpanded image placeholder per image (vLLM expands it); the placeholder is checked against
 the family table (``backend.families``). vllm is imported only when the engine is built, never at module

@@ -6,8 +6,11 @@ Reads ``RUN_DIR/config.json`` (``backend.jobs.configs.CriticJobConfig``: the wor
 ``judges.critic`` section plus the run's paths) and ``RUN_DIR/requests.parquet`` (request_id,
 image_path, text; the prompts ``annotators.critic`` renders, written by the judge step). Runs the
 critic through the same engine interface as the policy (``hf`` here, ``vllm`` on GPUs), greedy,
-``critic.max_new_tokens`` from the config. Writes ``RUN_DIR/replies.parquet`` (request_id, text, num_tokens, latency_ms, finish_reason)
-atomically at the end. Parsing and ingesting are the owner's job. Never opens the database.
+``critic.max_new_tokens`` from the config. Each batch's replies become a shard as soon as it is answered
+(``backend.jobs.shards``): a run started again on the same requests and config skips the batches already
+on disk. At the end the shards, in order, are written atomically to ``RUN_DIR/replies.parquet``
+(request_id, text, num_tokens, latency_ms, finish_reason). Parsing and ingesting are the owner's job.
+Never opens the database.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, make_engine
 from backend.jobs.common import read_input, run_main
 from backend.jobs.configs import CriticJobConfig, load_job_config
+from backend.jobs.shards import UNBATCHED_CALL, ShardStore, run_key
 from core.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -88,14 +92,21 @@ def main(argv: list[str]) -> int:
     job.log(f"loaded critic {critic.model or cfg.model_path} ({critic.engine} engine) in "
             f"{time.perf_counter() - t0:.1f} s; {len(rows)} {critic.mode} requests")
 
-    # ---- run
+    # ---- run: the batches without a shard on disk (a resumed run), each saved as a shard when answered
     images = _Images()
-    out: list[dict] = []
+    size = engine.requests_per_call or UNBATCHED_CALL  # vllm schedules its own batches within a call
+    batches = [rows[start:start + size] for start in range(0, len(rows), size)]
+    store = ShardStore.open(run_dir, run_key(run_dir, REQUESTS), SCHEMA)
+    shards, ignored = store.load([{(r["request_id"],) for r in batch} for batch in batches], ("request_id",))
+    resumed = done = sum(len(batches[i]) for i in shards)
+    if shards or ignored:
+        job.log(f"resuming: {resumed} of {len(rows)} requests already done ({len(shards)} shard(s) kept"
+                + (f", {ignored} unreadable or foreign shard(s) ignored: they run again)" if ignored else ")"))
     tokens, seconds = 0, 0.0
-    job.progress(0, len(rows), unit="requests")
-    size = engine.requests_per_call or max(len(rows), 1)  # vllm: every request in one call
-    for start in range(0, len(rows), size):
-        batch = rows[start:start + size]
+    job.progress(done, len(rows), unit="requests")
+    for index, batch in enumerate(batches):
+        if index in shards:
+            continue
         requests = [GenRequest(question=r["text"], image=images.get(r["image_path"]), request_id=r["request_id"])
                     for r in batch]
         t = time.perf_counter()
@@ -103,17 +114,20 @@ def main(argv: list[str]) -> int:
         took = time.perf_counter() - t
         n_tokens = sum(o[0].num_tokens for o in outputs)
         tokens, seconds = tokens + n_tokens, seconds + took
-        for r, outs in zip(batch, outputs):
-            o = outs[0]
-            out.append({"request_id": r["request_id"], "text": o.text, "num_tokens": o.num_tokens,
-                        "latency_ms": took * 1000.0 / len(batch), "finish_reason": o.finish_reason})
-        job.progress(len(out), len(rows), unit="requests")
+        shards[index] = [{"request_id": r["request_id"], "text": outs[0].text, "num_tokens": outs[0].num_tokens,
+                          "latency_ms": took * 1000.0 / len(batch), "finish_reason": outs[0].finish_reason}
+                         for r, outs in zip(batch, outputs)]
+        store.write(index, shards[index])
+        done += len(batch)
+        job.progress(done, len(rows), unit="requests")
 
-    # ---- save
+    # ---- save: the shards in order, as one file
+    out = [row for index in range(len(batches)) for row in shards[index]]
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(out, schema=SCHEMA), sink)
     job.write_atomic(run_dir / OUTPUT, sink.getvalue())
-    summary = {"requests": len(out), "tokens": tokens, "seconds": round(seconds, 3),
+    summary = {"requests": len(out), "resumed_requests": resumed, "generated_requests": len(rows) - resumed,
+               "ignored_shards": ignored, "tokens": tokens, "seconds": round(seconds, 3),
                "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0, "output": str(run_dir / OUTPUT)}
     job.log(f"wrote {len(out)} critic replies to {run_dir / OUTPUT}")
 

@@ -6,8 +6,12 @@ Reads ``RUN_DIR/config.json`` (``backend.jobs.configs.GenerateJobConfig``: the w
 ``policy`` and ``generation`` sections plus the run's paths and ids) and ``RUN_DIR/prompts.parquet``
 (prompt_id, image_path, question). The ``original`` view gets k samples per prompt with the
 configured sampling; each ``aug:*`` view gets ONE greedy answer on the image augmented with a seed
-derived from (seed, prompt_id, view), as SeVa does. Speaks JSON lines on stdout (backend.progress)
-and writes ``RUN_DIR/candidates.parquet`` atomically at the end. Never opens the database.
+derived from (seed, prompt_id, view), as SeVa does. Speaks JSON lines on stdout (backend.progress).
+Each engine call's candidates become a shard as soon as the call returns (``backend.jobs.shards``): a
+run started again on the same inputs and config (``round resume`` after a kill) skips the calls whose
+shard is on disk and generates only the rest, with the same batches and seeds, hence the same answers.
+At the end the shards, in call order, are written atomically to ``RUN_DIR/candidates.parquet``. Never
+opens the database.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from backend import progress as job
 from backend.engines import EngineSpec, GenRequest, SamplingSpec, derive_seed, make_engine
 from backend.jobs.common import read_input, run_main
 from backend.jobs.configs import GenerateJobConfig, load_job_config
+from backend.jobs.shards import UNBATCHED_CALL, ShardStore, run_key
 from backend.noise_space import policy_pixel_space
 from core.errors import UsageError
 
@@ -88,9 +93,11 @@ def view_requests(rows: list[dict], view: View, base_seed: int, space: PixelSpac
 
 def engine_calls(rows: list[dict], views: list[View], size: int | None) -> list[list[tuple[View, list[dict]]]]:
     """The engine calls of the step, each a list of (view, prompt rows) groups: ``size`` rows of one view
-    per call (the hf engine's batch), or every view's rows in one call when ``size`` is None (vllm)."""
+    per call (the hf engine's batch), or when ``size`` is None (vllm, which schedules its own batches) every
+    view of ``UNBATCHED_CALL`` rows per call. Each call is one shard of a resumable run."""
     if size is None:
-        return [[(view, rows) for view in views]]
+        return [[(view, rows[start:start + UNBATCHED_CALL]) for view in views]
+                for start in range(0, len(rows), UNBATCHED_CALL)]
     return [[(view, rows[start:start + size])] for view in views for start in range(0, len(rows), size)]
 
 
@@ -126,11 +133,21 @@ def main(argv: list[str]) -> int:
         image_processor=pol.image_processor))
     job.log(f"loaded {model_name} ({pol.engine} engine) in {time.perf_counter() - t0:.1f} s")
 
-    # ---- run
-    out_rows: list[dict] = []
-    total, done, tokens, gen_seconds = len(rows) * len(views), 0, 0, 0.0
-    job.progress(0, total, unit="prompts")
-    for call in engine_calls(rows, views, engine.requests_per_call):
+    # ---- run: the calls without a shard on disk (a resumed run), each saved as a shard when it returns
+    calls = engine_calls(rows, views, engine.requests_per_call)
+    store = ShardStore.open(run_dir, run_key(run_dir, PROMPTS), SCHEMA)
+    shards, ignored = store.load([{(r["prompt_id"], view.spec) for view, batch in call for r in batch}
+                                  for call in calls], ("prompt_id", "view"))
+    total = len(rows) * len(views)  # counted per prompt and view, as the progress
+    resumed = done = sum(len(batch) for i in shards for _, batch in calls[i])
+    if shards or ignored:
+        job.log(f"resuming: {resumed} of {total} prompts already done ({len(shards)} shard(s) kept"
+                + (f", {ignored} unreadable or foreign shard(s) ignored: their prompts run again)" if ignored else ")"))
+    tokens, gen_seconds = 0, 0.0
+    job.progress(done, total, unit="prompts")
+    for index, call in enumerate(calls):
+        if index in shards:
+            continue
         built = [(view, batch, *view_requests(batch, view, gen.seed, space)) for view, batch in call]
         t = time.perf_counter()
         results = engine.generate_many([(requests, policy if view.is_original else greedy)
@@ -138,12 +155,13 @@ def main(argv: list[str]) -> int:
         seconds = time.perf_counter() - t
         n_tokens = sum(o.num_tokens for outputs in results for outs in outputs for o in outs)
         tokens, gen_seconds = tokens + n_tokens, gen_seconds + seconds
+        call_rows: list[dict] = []
         for (view, batch, requests, records), outputs in zip(built, results):
             origin = "policy" if view.is_original else "seva_augmented"
             sampling = json.dumps((policy if view.is_original else greedy).record())
             for row, req, record, outs in zip(batch, requests, records, outputs):
                 for i, o in enumerate(outs):
-                    out_rows.append({
+                    call_rows.append({
                         "candidate_id": candidate_id(cfg.round_id, cfg.checkpoint_id, row["prompt_id"], view.spec, i),
                         "prompt_id": row["prompt_id"], "round_id": cfg.round_id,
                         "checkpoint_id": cfg.checkpoint_id, "text": o.text, "origin": origin, "view": view.spec,
@@ -152,13 +170,17 @@ def main(argv: list[str]) -> int:
                         "sample_index": i, "num_tokens": o.num_tokens, "finish_reason": o.finish_reason,
                     })
             done += len(batch)
+        store.write(index, call_rows)
+        shards[index] = call_rows
         job.progress(done, total, unit="prompts")
         job.log(f"{', '.join(view.spec for view, _ in call)}: {sum(len(b) for _, b in call)} prompts, "
                 f"{n_tokens} tokens in {seconds:.2f} s ({n_tokens / max(seconds, 1e-9):.0f} tokens/s)")
 
-    # ---- save
+    # ---- save: the shards in call order, as one file
+    out_rows = [row for index in range(len(calls)) for row in shards[index]]
     job.write_atomic(run_dir / OUTPUT, to_parquet_bytes(out_rows))
     summary = {"candidates": len(out_rows), "prompts": len(rows), "views": [v.spec for v in views],
+               "resumed_prompts": resumed, "generated_prompts": total - resumed, "ignored_shards": ignored,
                "tokens": tokens, "seconds": round(gen_seconds, 3),
                "tokens_per_s": round(tokens / gen_seconds, 1) if gen_seconds else 0.0,
                "output": str(run_dir / OUTPUT)}

@@ -204,7 +204,7 @@ def prepare_dpo(s: Setup) -> Prepared:
     model = load_model(job.model_path, dtype=job.dtype)
     separate_ref = not same_folder(job.model_path, job.ref_model_path) and not skip_reference
     ref_model = load_model(job.ref_model_path, dtype=job.dtype) if separate_ref else None
-    peft_config = dpo.lora_config(cfg, model) if cfg.lora else None
+    peft_config = dpo.trainable(cfg, model)
     trainer = dpo.build_trainer(model, ref_model, s.processor, dataset, args, peft_config, s.metrics_path,
                                 ref_cache=cache, reference_available=not skip_reference)
     loaded = f"loaded policy{'' if ref_model is None else ' and reference'} in {time.time() - t0:.1f} s"
@@ -233,7 +233,7 @@ def prepare_sft_examples(s: Setup, examples: list[dict], what: str, report: Call
     log_used(stats, cfg, "examples")
     t0 = time.time()
     model = load_model(job.model_path, dtype=job.dtype)
-    peft_config = dpo.lora_config(cfg, model) if cfg.lora else None
+    peft_config = dpo.trainable(cfg, model)
     trainer = sft.build_trainer(model, s.processor, dataset, args, peft_config, s.metrics_path)
     return Prepared(trainer, args, stats, what, f"loaded policy in {time.time() - t0:.1f} s", report)
 

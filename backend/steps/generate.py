@@ -1,4 +1,9 @@
-"""The generate step (owner side): pick prompts, write the run folder, run the job, ingest candidates."""
+"""The generate step (owner side): pick prompts, write the run folder, run the job, ingest candidates.
+
+The run folder is kept between attempts: when a killed step runs again (``round resume``) on the same
+prompts and config, the job finds the shards of the killed attempt and generates only the prompts they
+lack (``backend.jobs.shards``); other inputs or config start fresh. The shards go once ingested.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backend.job_runner import CancelCheck, EventHandler, Job, python_module, write_config
+from backend.jobs import shards
 from backend.jobs.configs import GenerateJobConfig
 from backend.models import default_device, resolve_dtype
 from backend.steps.common import checkpoint_path, step_dir, tracked_step
@@ -55,11 +61,19 @@ def run_generate(ws: Workspace, *, overrides: dict[str, Any] | None = None, limi
                                device=device, round_id=round_id, checkpoint_id=ckpt_id,
                                policy=policy, generation=gen)
     write_config(run_dir, config.model_dump())
+    kept = shards.resume(run_dir, "prompts.parquet", ("prompt_id", "view"))
+    if kept:
+        message = (f"resuming: {kept} of {len(todo) * len(gen.views)} prompts (x views) already done by an "
+                   f"interrupted {step} job with the same prompts and config")
+        log.info(message)
+        if on_event is not None:
+            on_event({"event": "log", "message": message})
     with tracked_step(ws, round_id, step, run_dir):
         result = Job(python_module("backend.jobs.generate", str(run_dir)), run_dir, on_event=on_event,
                      cancel=cancel).wait()
         added = generation.ingest_candidates_parquet(cur, run_dir / "candidates.parquet",
                                                      origin="eval" if eval_origin else None)
+        shards.discard(run_dir)  # ingested (one transaction): a later run of the step has other prompts
         if not eval_origin:
             review_queue.refresh_queue(cur, round_id, ws.config.pairs.judge)
         summary = {"round_id": round_id, "checkpoint_id": ckpt_id, "prompts": len(todo), "candidates": added,

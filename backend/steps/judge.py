@@ -6,7 +6,10 @@ pairwise verdicts) in ONE transaction. What the judge is comes from its declared
 (``annotators.base.JudgeTraits``). Judges run in the owner; the model of a judge whose traits say
 ``runs_model_job`` (the critic) runs as the critic job (``backend.jobs.critic``) in the step's run
 folder, which this step starts and plugs into the judge as ``hooks.run_model``: the judge builds the
-requests and parses the replies. A second run with nothing new judges nothing.
+requests and parses the replies. A judge whose traits say ``deferred`` (gemini in batch mode) is
+prepared before the step starts: it submits its requests or polls them, and raises ``core.errors.Waiting``
+while they run (the round stops and `round resume` comes back here). A second run with nothing new judges
+nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from annotators.base import (
 from annotators.registry import make_judge
 from backend import models
 from backend.job_runner import EventHandler, Job, python_module, write_config
+from backend.jobs import shards
 from backend.jobs.configs import CriticJobConfig
 from backend.progress import write_atomic
 from backend.steps.common import step_dir, tracked_step
@@ -101,7 +105,9 @@ def critic_model_path(root: Path, name: str) -> str:
 
 def critic_job_runner(root: Path, config: WorkspaceConfig, judge_version: str, run_dir: Path,
                       on_event: EventHandler | None = None) -> ModelRunner:
-    """``hooks.run_model`` for the critic: its requests are answered by the critic job in ``run_dir``."""
+    """``hooks.run_model`` for the critic: its requests are answered by the critic job in ``run_dir``. A job
+    killed half way leaves its answered batches as shards, which the next run on the same requests and
+    config reuses (``backend.jobs.shards``); they go once the step has stored the verdicts."""
 
     def run(requests: Sequence[ModelRequest]) -> list[ModelReply]:
         from backend.jobs import critic as critic_job  # the job module imports the engines (torch)
@@ -117,6 +123,12 @@ def critic_job_runner(root: Path, config: WorkspaceConfig, judge_version: str, r
                               batch_size=config.generation.batch_size, judge_version=judge_version,
                               critic=config.judges.critic)
         write_config(run_dir, job.model_dump())
+        kept = shards.resume(run_dir, critic_job.REQUESTS, ("request_id",))
+        if kept:
+            message = f"resuming: {kept} of {len(requests)} critic requests already done by an interrupted job"
+            log.info(message)
+            if on_event is not None:
+                on_event({"event": "log", "message": message})
         Job(python_module("backend.jobs.critic", str(run_dir)), run_dir, on_event=on_event).wait()
         return [ModelReply(**row) for row in critic_job.read_replies(run_dir)]
 
@@ -192,11 +204,14 @@ def run_judge(ws: Workspace, judge_name: str, *, round_id: int | None = None, li
     run_dir = step_dir(ws, round_id, step)
     items = _items(rows)
     plug_model_job(judge, ws.root, config, run_dir, on_event)
+    if judge.traits.deferred:  # gemini in batch mode: submit or poll; raises core.errors.Waiting until ready
+        judge.prepare(items, run_dir)
     started = time.perf_counter()
     with tracked_step(ws, round_id, step, run_dir):
         verdicts = _run(judge, items, on_event)
         jrows, prows = verdict_rows(items, verdicts, judge_name, version)
         jstore.write_judgments(cur, jrows, prows)
+        shards.discard(run_dir)  # the critic job's, once its verdicts are stored (one transaction)
         review_queue.refresh_queue(cur, round_id, config.pairs.judge)
         for r in jrows:
             summary[r["status"]] += 1

@@ -19,6 +19,17 @@ judge's rate limiter uses), path, model, headers without the API key (``key_sent
 whether one was sent and whether it matched), the JSON body, the parsed prompt and the reply status.
 The fake never stores the key it receives.
 
+The Batch API (what ``client.batches.create`` / ``client.batches.get`` call, google-genai's
+``batches.py``): ``POST .../models/{model}:batchGenerateContent`` with inlined requests answers a
+long-running operation ``{"name": "batches/<id>", "metadata": {... "state": "BATCH_STATE_PENDING"}}``;
+``GET .../batches/<id>`` answers the same with the state, and once the batch is done
+``metadata.output.inlinedResponses.inlinedResponses`` (one ``{"response"|"error", "metadata"}`` per
+request, in request order). A batch stays ``BATCH_STATE_RUNNING`` for ``batch_running_polls`` GETs,
+then succeeds: each inlined request is answered then, through the same rules as an online request
+(recorded in ``fake.requests`` with ``batch`` set; a non-200 reply becomes that item's ``error``).
+``fake.end_batch(name, "BATCH_STATE_FAILED")`` ends one otherwise; ``fake.batch_calls`` records the
+batch endpoints' calls (method, path).
+
 ``FakeGeminiProcess`` runs the same server in a child process (``python gemini_server.py``), so a
 benchmark does not share its GIL with the server; it reads the arrival clock over
 ``GET /_fake/requests`` (``time.monotonic`` is system-wide on Linux, so the clocks compare).
@@ -43,6 +54,9 @@ from typing import Self
 
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:?]+):generateContent(?:\?.*)?$")
+BATCH_CREATE = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:?]+):batchGenerateContent(?:\?.*)?$")
+BATCH_GET = re.compile(r"^/(v1|v1beta|v1alpha)/batches/([^/:?]+)(?:\?.*)?$")
+BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 CANDIDATE = re.compile(r'<candidate n="(\d+)">\n(.*?)\n</candidate>', re.DOTALL)
 QUESTION = re.compile(r"<question>\n(.*?)\n</question>", re.DOTALL)
 KEY_HEADER = "x-goog-api-key"
@@ -69,6 +83,10 @@ class RecordedRequest:
     candidates: list[str] = field(default_factory=list)
     """candidate texts in the order shown to the model (position 1 first)"""
     status: int | None = None
+    batch: str | None = None
+    """the batch job it came in (``batches/<id>``), None for an online request"""
+    metadata: dict | None = None
+    """an inlined batch request's metadata"""
 
     @property
     def generation_config(self) -> dict:
@@ -167,6 +185,44 @@ def hang(seconds: float) -> Reply:
 # ---- the server -------------------------------------------------------------------------------
 
 @dataclass
+class FakeBatch:
+    """One batch job: its inlined requests, its state and, once it succeeded, the inlined responses."""
+
+    name: str
+    model: str
+    display_name: str | None
+    requests: list[RecordedRequest]
+    created: str
+    state: str = "BATCH_STATE_PENDING"
+    polls: int = 0
+    responses: list[dict] | None = None
+
+    def operation(self) -> dict:
+        """The long-running operation GET batches/<id> answers."""
+        n = len(self.requests)
+        failed = sum("error" in r for r in self.responses or [])
+        done = self.state in ("BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
+                              "BATCH_STATE_EXPIRED")
+        meta = {"@type": BATCH_TYPE, "name": self.name, "model": f"models/{self.model}", "state": self.state,
+                "createTime": self.created, "updateTime": _now_iso(),
+                "batchStats": {"requestCount": str(n), "pendingRequestCount": str(0 if done else n),
+                               "successfulRequestCount": str(n - failed if self.responses else 0),
+                               "failedRequestCount": str(failed)}}
+        if self.display_name:
+            meta["displayName"] = self.display_name
+        if self.responses is not None:
+            meta["output"] = {"inlinedResponses": {"inlinedResponses": self.responses}}
+        op = {"name": self.name, "metadata": meta}
+        if done:
+            op["done"] = True
+        return op
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+@dataclass
 class _Rule:
     responder: Responder
     when: Callable[[RecordedRequest], bool] | None
@@ -190,6 +246,12 @@ class FakeGemini:
         self._requests: list[RecordedRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.batches: dict[str, FakeBatch] = {}
+        """batch jobs by name (``batches/<id>``)"""
+        self.batch_calls: list[tuple[str, str]] = []
+        """(method, path) of every call to the batch endpoints"""
+        self.batch_running_polls = 0
+        """GETs a batch answers RUNNING before it succeeds"""
 
     # lifecycle
     def start(self) -> Self:
@@ -258,6 +320,59 @@ class FakeGemini:
         with self._lock:
             self._requests.clear()
 
+    def end_batch(self, name: str, state: str = "BATCH_STATE_SUCCEEDED") -> None:
+        """End a batch now: SUCCEEDED answers its requests (through the rules), any other state none."""
+        batch = self.batches[name]
+        if state == "BATCH_STATE_SUCCEEDED":
+            self._answer_batch(batch)
+        batch.state = state
+
+    # the batch endpoints
+    def _create_batch(self, model: str, body: dict, key_ok: bool) -> FakeBatch:
+        spec = body.get("batch") or {}
+        inlined = ((spec.get("inputConfig") or {}).get("requests") or {}).get("requests") or []
+        salt = hashlib.sha256(str(time.time()).encode()).hexdigest()[:8]
+        name = f"batches/fake{len(self.batches) + 1:04d}{salt}"
+        reqs = []
+        for i, entry in enumerate(inlined):
+            req = RecordedRequest(t=time.monotonic(), path=f"{name}#{i}", api_version=None, model=model,
+                                  headers={}, key_sent=True, key_ok=key_ok, body=entry.get("request") or {}, batch=name,
+                                  metadata=entry.get("metadata"))
+            _parse_prompt(req)
+            reqs.append(req)
+        batch = FakeBatch(name, model, spec.get("displayName"), reqs, _now_iso())
+        with self._lock:
+            self.batches[name] = batch
+        return batch
+
+    def _poll_batch(self, name: str) -> FakeBatch | None:
+        batch = self.batches.get(name)
+        if batch is None:
+            return None
+        batch.polls += 1
+        if batch.state in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"):
+            if batch.polls > self.batch_running_polls:
+                self.end_batch(name)
+            else:
+                batch.state = "BATCH_STATE_RUNNING"
+        return batch
+
+    def _answer_batch(self, batch: FakeBatch) -> None:
+        out = []
+        for req in batch.requests:
+            reply = self._record(req)
+            req.status = reply.status
+            body = self._body(req, reply)
+            entry = {"metadata": req.metadata} if req.metadata is not None else {}
+            if reply.status == 200:
+                entry["response"] = body
+            else:
+                err = body.get("error") or {}
+                entry["error"] = {"code": err.get("code", reply.status),
+                                  "message": err.get("message", "fake error")}
+            out.append(entry)
+        batch.responses = out
+
     # internals
     def _record(self, req: RecordedRequest) -> Reply:
         with self._lock:
@@ -314,7 +429,10 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (timeout)
 
     def do_GET(self) -> None:
-        if self.path == "/_fake/requests":  # for FakeGeminiProcess
+        bm = BATCH_GET.match(self.path)
+        if bm:
+            self._batch_get(f"batches/{bm.group(2)}")
+        elif self.path == "/_fake/requests":  # for FakeGeminiProcess
             self._send(200, {"requests": [{"t": r.t, "path": r.path, "status": r.status, "key_sent": r.key_sent,
                                            "key_ok": r.key_ok, "candidates": len(r.candidates)}
                                           for r in self.server_fake.requests]})
@@ -328,6 +446,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/_fake/reset":
             fake.reset()
             self._send(200, {})
+            return
+        bm = BATCH_CREATE.match(self.path)
+        if bm:
+            self._batch_create(bm.group(2), raw)
             return
         m = PATH.match(self.path)
         key = self.headers.get(KEY_HEADER)
@@ -354,6 +476,41 @@ class _Handler(BaseHTTPRequestHandler):
             return  # server stopping
         req.status = reply.status
         self._send(reply.status, fake._body(req, reply))
+
+
+    def _key_refused(self) -> bool:
+        """Answer Gemini's 400 API_KEY_INVALID (and return True) when the key is wrong."""
+        fake = self.server_fake
+        if fake._expected_key is None or self.headers.get(KEY_HEADER) == fake._expected_key:
+            return False
+        self._send(400, {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.",
+                                   "status": "INVALID_ARGUMENT"}})
+        return True
+
+    def _batch_create(self, model: str, raw: bytes) -> None:
+        fake = self.server_fake
+        fake.batch_calls.append(("POST", self.path))
+        if self._key_refused():
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self._send(400, {"error": {"code": 400, "message": "fake: bad JSON",
+                                       "status": "INVALID_ARGUMENT"}})
+            return
+        self._send(200, fake._create_batch(model, body, key_ok=True).operation())
+
+    def _batch_get(self, name: str) -> None:
+        fake = self.server_fake
+        fake.batch_calls.append(("GET", self.path))
+        if self._key_refused():
+            return
+        batch = fake._poll_batch(name)
+        if batch is None:
+            self._send(404, {"error": {"code": 404, "message": f"fake: no batch {name}",
+                                       "status": "NOT_FOUND"}})
+        else:
+            self._send(200, batch.operation())
 
 
 def _parse_prompt(req: RecordedRequest) -> None:
