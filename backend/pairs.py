@@ -6,6 +6,12 @@ annotators gives the pairs (a ranking expands to every ordered pair, "all bad" d
 a tie between annotators drops the prompt and lists it for an admin. Imported preferences come next,
 then the configured AI strategy. Ties and prompts with fewer than two valid candidates are skipped
 and counted, never a crash.
+
+This module is the reference. ``STRATEGIES`` says which strategies also have a SQL path
+(``storage.pair_sql``, run inside DuckDB by the pairs step); ``tests/test_pair_sql.py`` checks on random
+workspaces that both give the same pairs, skip counts and admin list. Both share two rules that could
+not be copied from one to the other: the random pick of best-vs-random (``random_pick_key``) and the
+equal-answer test of SeVa (``core.text.normalize_answer``, called from DuckDB as a function).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core import names
+from core.text import normalize_answer
 
 METRICS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 HCC = ("helpfulness", "correctness", "coherence")
@@ -157,9 +164,18 @@ def _hcc(s: dict) -> float | None:
     return None if any(v is None for v in vals) else float(sum(vals))
 
 
+def random_pick_key(seed: int, prompt_id: str, candidate_id: str) -> str:
+    """The seeded "random" order of best-vs-random: the eligible candidate with the smallest key is picked
+    (ties, i.e. never, by candidate id). SHA-256 hex of ``"{seed}|{prompt_id}|{candidate_id}"``, so DuckDB's
+    ``sha256()`` gives the same order (``storage.pair_sql``); Python's ``random.Random`` cannot be replayed
+    in SQL."""
+    return hashlib.sha256(f"{seed}|{prompt_id}|{candidate_id}".encode()).hexdigest()
+
+
 def best_vs_random(item: PromptItem, opts: PairOptions, rng: random.Random) -> list[Pair]:
     """Li/Lin/Pei 2024: the best by helpfulness+correctness+coherence vs a random candidate whose sum is
-    at least ``min_margin`` lower (inclusive; the authors' code used a strict > 2)."""
+    at least ``min_margin`` lower (inclusive; the authors' code used a strict > 2). The random choice is
+    the seeded hash order of ``random_pick_key`` (uniform over the eligible ones, same in SQL)."""
     judge = _need_judge(opts, "best-vs-random")
     scored = _scored(item, judge, _hcc)
     if len(scored) < 2:
@@ -169,12 +185,9 @@ def best_vs_random(item: PromptItem, opts: PairOptions, rng: random.Random) -> l
     eligible = [(v, c) for v, c in scored[1:] if top - v >= opts.min_margin]
     if not eligible:
         raise Skip("tie" if all(v == top for v, _ in scored) else "below_margin")
-    v, rejected = eligible[rng.randrange(len(eligible))]
+    v, rejected = min(eligible, key=lambda t: (random_pick_key(opts.seed, item.prompt_id, t[1].candidate_id),
+                                               t[1].candidate_id))
     return [_pair(item, best, rejected, judge, "best-vs-random", top - v, judge)]
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def seva(item: PromptItem, opts: PairOptions, rng: random.Random) -> list[Pair]:
@@ -187,7 +200,7 @@ def seva(item: PromptItem, opts: PairOptions, rng: random.Random) -> list[Pair]:
         raise Skip("no_augmented_view" if originals else "no_original_view")
     chosen = originals[0]
     pairs = [_pair(item, chosen, a, "seva", "seva", None, opts.judge) for a in augmented
-             if _norm(a.text) != _norm(chosen.text)]
+             if normalize_answer(a.text) != normalize_answer(chosen.text)]
     if not pairs:
         raise Skip("equal_answers")
     return pairs
@@ -198,13 +211,24 @@ def human_only(item: PromptItem, opts: PairOptions, rng: random.Random) -> list[
     raise Skip("no_label")
 
 
-STRATEGIES: dict[str, StrategyFn] = {
-    "best-worst": best_worst,
-    "best-vs-random": best_vs_random,
-    "seva": seva,
-    "human-only": human_only,
+@dataclass(frozen=True)
+class Strategy:
+    """One pair strategy: its Python reference and whether DuckDB runs it too."""
+
+    python: StrategyFn
+    """the reference, per prompt over ``PromptItem``s (its docstring's first line is the CLI help)"""
+    sql: bool = False
+    """``storage.pair_sql`` has the same strategy in SQL, which the pairs step then runs instead"""
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "best-worst": Strategy(best_worst, sql=True),
+    "best-vs-random": Strategy(best_vs_random, sql=True),
+    "seva": Strategy(seva, sql=True),
+    "human-only": Strategy(human_only, sql=True),
 }
-"""Keyed by ``core.names.PAIR_STRATEGIES``: the ``pairs.strategy`` names (checked when prefloop.toml loads)."""
+"""Keyed by ``core.names.PAIR_STRATEGIES``: the ``pairs.strategy`` names (checked when prefloop.toml loads).
+A strategy added later may stay Python-only (``sql=False``): the pairs step then loads every candidate."""
 
 
 class AnnotatorTie(Exception):
@@ -247,7 +271,7 @@ def build_pairs(items: list[PromptItem], strategy: str, opts: PairOptions = Pair
     """Pairs for every prompt: human majority, else imported preference, else the AI strategy."""
     if strategy not in STRATEGIES:
         raise ValueError(names.unknown("pair strategy", STRATEGIES, strategy))
-    fn = STRATEGIES[strategy]
+    fn = STRATEGIES[strategy].python
     result = PairResult()
     for item in items:
         try:

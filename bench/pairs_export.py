@@ -3,8 +3,8 @@
 Builds a temp workspace with N prompts x k candidates (default 200,000 x 5 = 1,000,000) and one judge's
 scores for every candidate, all generated in SQL from range(), plus one real PNG per image id. Then:
 
-  ours      storage.pairs pairing reads -> backend.pairs.build_pairs("best-worst") ->
-            storage.pairs.replace_draft_pairs -> storage.export.export_pairs (TRL Parquet)
+  ours      backend.steps.pairs.build_round_pairs("best-worst") (the pairs step: in DuckDB, storage.pair_sql) ->
+            storage.pairs.replace_draft_pairs -> storage.export.export_pairs (TRL Parquet, written by DuckDB)
   baseline  one query of the same candidates and scores into a DataFrame, sorted by prompt and grouped
             (itertools.groupby over itertuples), best and worst picked in Python per group with the same
             tie rule as best-worst, TRL rows built with the same helper, DataFrame.to_parquet
@@ -30,12 +30,11 @@ import json
 import operator
 import tempfile
 import time
-from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
-from backend.pairs import PairOptions, build_pairs
-from backend.steps.pairs import load_items
+from backend.pairs import PairOptions
+from backend.steps.pairs import build_round_pairs
 from core.trl_format import trl_row
 from storage import pairs as pairstore
 from storage import rounds
@@ -88,12 +87,12 @@ def timed(fn):
 def ours(ws, out: Path) -> tuple[dict, set, int]:
     cur = ws.cursor()
     phases = {}
-    phases["read+items"], items = timed(lambda: load_items(ws, 1))
-    phases["build_pairs"], result = timed(lambda: build_pairs(items, "best-worst", PairOptions(judge=JUDGE)))
-    rows = [{**asdict(p), "round_id": 1} for p in result.pairs]
-    phases["store"], _ = timed(lambda: pairstore.replace_draft_pairs(cur, 1, rows))
+    phases["build"], built = timed(lambda: build_round_pairs(cur, 1, "best-worst", PairOptions(judge=JUDGE)))
+    assert built.path == "sql", "best-worst has a SQL path"
+    phases["store"], _ = timed(lambda: pairstore.replace_draft_pairs(cur, 1, built.table))
     phases["export"], n = timed(lambda: export_pairs(cur, ws.root, out, "parquet", round_id=1))
-    return phases, {(p.prompt_id, p.chosen_id, p.rejected_id) for p in result.pairs}, n
+    cols = [built.table.column(c).to_pylist() for c in ("prompt_id", "chosen_id", "rejected_id")]
+    return phases, set(zip(*cols)), n
 
 
 BASELINE_SQL = """

@@ -40,7 +40,8 @@ RESULTS_MD = BENCH_DIR / "RESULTS.md"
 DATA_OPEN, DATA_CLOSE = "<!-- run_all results (kept for the next run; do not edit)", "-->"
 RESULT_PREFIX = "RESULT "
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(DEBUG|INFO|WARNING)\]")  # library log records
-HEADLINE = re.compile(r"\b(ratio|speed-up|vs uncached|blank at round \d+:|majority class|projector features, probe)",
+HEADLINE = re.compile(r"\b(ratio|speed-up|vs uncached|blank at round \d+:|majority class|projector features, probe"
+                      r"|generated twice)",
                       re.IGNORECASE)
 
 
@@ -99,6 +100,10 @@ BENCHES: dict[str, Bench] = {
         "c(r-1) in each round, and a blind control workspace whose pictures are all gray",
         quick=("--model", "tiny", "--rounds", "1", "--train-questions", "20", "--test-questions", "20"),
         timeout_s=4 * 3600, slow=True),
+    "resume": Bench(
+        "resume.py", "a generate job killed (kill -9) at 50% and resumed: prompts generated twice (target 0), time saved",
+        "a full rerun of the same job (before shards a killed job's outputs were lost)",
+        quick=("--prompts", "16")),
 }
 
 

@@ -6,8 +6,10 @@ a write that somehow got past the guard fails in DuckDB itself. A ``threading.Ti
 query that runs past its time limit (``QueryTimeout``). File exports stream through DuckDB's own
 ``COPY (<checked SELECT>) TO`` (no Python row loop) into a temp file that is renamed when complete.
 
-Pair export: ``images`` is written as a list of ``{"bytes", "path"}`` structs with the Hugging Face
-``datasets`` feature metadata of ``List(Image())``, so ``datasets.load_dataset("parquet", ...)``
+Pair export: DuckDB builds the rows as columns (the shapes of ``core.trl_format``, spelled in SQL) and
+writes them with the same ``COPY ... TO``; image files are checked with one listing per folder and, with
+``embed_images``, each read once. ``images`` is written as a list of ``{"bytes", "path"}`` structs with
+the Hugging Face ``datasets`` feature metadata of ``List(Image())``, so ``datasets.load_dataset("parquet", ...)``
 decodes PIL images and ``trl.DPOTrainer`` takes the dataset with no cast. The path is absolute; with
 ``embed_images=True`` the bytes travel inside the file (for training on another machine). JSONL keeps
 plain absolute paths; load it with ``ds.cast_column("images", datasets.List(datasets.Image()))``.
@@ -29,10 +31,8 @@ from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.errors import QueryTimeout, UnsafeQuery, UsageError
-from core.trl_format import llava_row, trl_row
 from storage.db import fetch_all, read_only_transaction, scalar, transaction
 from storage.sqlguard import check_select
 
@@ -152,20 +152,25 @@ def export_query(cur: duckdb.DuckDBPyConnection, sql: str, out_path: str | os.Pa
 
 # ---------------------------------------------------------------- pair export
 
+_PAIRS_FROM = """
+    FROM pairs p
+    JOIN prompts pr ON pr.prompt_id = p.prompt_id
+    JOIN images i ON i.image_id = pr.image_id
+    JOIN candidates c ON c.candidate_id = p.chosen_id
+    JOIN candidates r ON r.candidate_id = p.rejected_id
+    WHERE $round_id::INTEGER IS NULL OR p.round_id = $round_id::INTEGER"""
+_PAIRS_ORDER = "ORDER BY p.round_id, p.prompt_id, p.chosen_id, p.rejected_id"
+
+
 def pair_rows(cur: duckdb.DuckDBPyConnection, round_id: int | None = None) -> list[dict]:
     """Pairs (all rounds, or one) joined with their prompt, image path and both answers."""
-    return fetch_all(cur, """
+    return fetch_all(cur, f"""
         SELECT p.round_id, p.prompt_id, p.chosen_id, p.rejected_id, p.source, p.strategy, p.margin,
                CAST(p.chosen_scores AS VARCHAR) AS chosen_scores,
                CAST(p.rejected_scores AS VARCHAR) AS rejected_scores,
                i.path AS image_path, pr.question, c.text AS chosen_text, r.text AS rejected_text
-        FROM pairs p
-        JOIN prompts pr ON pr.prompt_id = p.prompt_id
-        JOIN images i ON i.image_id = pr.image_id
-        JOIN candidates c ON c.candidate_id = p.chosen_id
-        JOIN candidates r ON r.candidate_id = p.rejected_id
-        WHERE ?::INTEGER IS NULL OR p.round_id = ?::INTEGER
-        ORDER BY p.round_id, p.prompt_id, p.chosen_id, p.rejected_id""", [round_id, round_id])
+        {_PAIRS_FROM}
+        {_PAIRS_ORDER}""", {"round_id": round_id})
 
 
 _CONTENT = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
@@ -199,66 +204,79 @@ def hf_schema(schema: pa.Schema, image_lists: tuple[str, ...] = ("images",)) -> 
     return schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
 
 
+# The rows are built as columns by DuckDB and written by its COPY (no Python object per row). The shapes
+# are core.trl_format's trl_row / llava_row, spelled in SQL; tests/test_export.py checks them against it.
+_IMAGE = "CASE WHEN starts_with(i.path, '/') THEN i.path ELSE $root || '/' || i.path END"
+_PROMPT = ("[{'role': 'user', 'content': [{'type': 'image', 'text': NULL::VARCHAR}, "
+           "{'type': 'text', 'text': pr.question}]}]")
+_ANSWER = "[{{'role': 'assistant', 'content': [{{'type': 'text', 'text': {0}.text}}]}}]"
+_PROVENANCE = ("p.round_id::INTEGER AS round_id, p.prompt_id, p.chosen_id, p.rejected_id, p.source, p.strategy, "
+               "p.margin::DOUBLE AS margin, CAST(p.chosen_scores AS VARCHAR) AS chosen_scores, "
+               "CAST(p.rejected_scores AS VARCHAR) AS rejected_scores")
+
+
+def _trl_select(images: str, join: str = "") -> str:
+    # The CASE keeps `images` nullable in the Parquet schema (DuckDB writes a list literal as required):
+    # datasets applies the Image feature of the metadata only to a column whose Arrow field matches it.
+    images = f"CASE WHEN i.path IS NULL THEN NULL ELSE {images} END"
+    return (f"SELECT {images} AS images, {_PROMPT} AS prompt, {_ANSWER.format('c')} AS chosen, "
+            f"{_ANSWER.format('r')} AS rejected, {_PROVENANCE} {_PAIRS_FROM.replace('WHERE', join + ' WHERE')} "
+            f"{_PAIRS_ORDER}")
+
+
+_LLAVA = (f"SELECT 'r' || p.round_id || ':' || p.prompt_id || ':' || p.chosen_id || ':' || p.rejected_id AS id, "
+          f"{_IMAGE} AS image, [{{'from': 'human', 'value': '<image>' || chr(10) || pr.question}}] AS conversations, "
+          "{'from': 'gpt', 'value': c.text} AS chosen, {'from': 'gpt', 'value': r.text} AS rejected "
+          f"{_PAIRS_FROM} {_PAIRS_ORDER}")
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 @dataclass(frozen=True)
-class PairRecord:
-    """One pair ready to write: absolute image path plus the row from ``pair_rows``."""
+class PairFormat:
+    """One pair export format: the SELECT that builds its rows and the COPY options that write them."""
 
-    image: Path
-    row: dict
-
-    def provenance(self) -> dict:
-        return {name: self.row[name] for name, _ in PROVENANCE_FIELDS}
-
-    def trl(self, image: Any) -> dict:
-        r = self.row
-        return {**trl_row(image, r["question"], r["chosen_text"], r["rejected_text"]), **self.provenance()}
-
-    def pair_id(self) -> str:
-        r = self.row
-        return f"r{r['round_id']}:{r['prompt_id']}:{r['chosen_id']}:{r['rejected_id']}"
+    select: str
+    """rows in the format's shape ($root, $round_id; ``{images}`` is the table of embedded image bytes)"""
+    copy_options: str
+    embed: str | None = None
+    """the SELECT with image bytes inside the file (``--embed-images``), or None when the format has none"""
 
 
-class PairWriter(Protocol):
-    """Writes pair records to ``path`` (a temp file renamed by the caller)."""
+_HF_METADATA = hf_schema(PAIR_SCHEMA).metadata[b"huggingface"].decode()
 
-    def __call__(self, records: list[PairRecord], path: Path, *, embed_images: bool) -> None: ...
-
-
-def _image_struct(image: Path, embed: bool) -> dict:
-    if embed:
-        return {"bytes": image.read_bytes(), "path": image.name}
-    return {"bytes": None, "path": str(image)}
-
-
-def write_pairs_parquet(records: list[PairRecord], path: Path, *, embed_images: bool) -> None:
-    rows = [rec.trl(_image_struct(rec.image, embed_images)) for rec in records]
-    schema = hf_schema(PAIR_SCHEMA)
-    # No rows -> no row group at all: datasets refuses a file whose first row group has 0 rows.
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-
-
-def write_pairs_jsonl(records: list[PairRecord], path: Path, *, embed_images: bool) -> None:
-    if embed_images:
-        raise UsageError("--embed-images needs --format parquet (JSONL carries image paths)")
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec.trl(str(rec.image)), ensure_ascii=False) + "\n" for rec in records)
-
-
-def write_pairs_llava(records: list[PairRecord], path: Path, *, embed_images: bool) -> None:
-    if embed_images:
-        raise UsageError("--embed-images needs --format parquet (LLaVA JSON carries image paths)")
-    out = [llava_row(rec.pair_id(), str(rec.image), rec.row["question"], rec.row["chosen_text"],
-                     rec.row["rejected_text"]) for rec in records]
-    path.write_text(json.dumps(out, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-PAIR_FORMATS: dict[str, PairWriter] = {
-    "parquet": write_pairs_parquet,
-    "jsonl": write_pairs_jsonl,
-    "llava": write_pairs_llava,
+PAIR_FORMATS: dict[str, PairFormat] = {
+    "parquet": PairFormat(
+        _trl_select(f"[{{'bytes': NULL::BLOB, 'path': {_IMAGE}}}]"),
+        f"FORMAT parquet, COMPRESSION zstd, KV_METADATA {{huggingface: {_sql_string(_HF_METADATA)}}}",
+        embed=_trl_select("[{'bytes': e.data, 'path': e.name}]", "JOIN {images} e ON e.path = i.path")),
+    "jsonl": PairFormat(_trl_select(f"[{_IMAGE}]"), "FORMAT json"),
+    "llava": PairFormat(_LLAVA, "FORMAT json, ARRAY true"),
 }
+"""Pair export format -> how DuckDB builds and writes it. Parquet carries ``datasets``' feature metadata
+(``images`` decode to PIL, ``trl.DPOTrainer`` takes it with no cast); JSONL and LLaVA JSON carry paths."""
+
+
+def _pair_images(cur: duckdb.DuckDBPyConnection, round_id: int | None) -> list[str]:
+    return [r[0] for r in cur.execute(f"SELECT DISTINCT i.path {_PAIRS_FROM}", {"round_id": round_id}).fetchall()]
+
+
+def _missing(root: Path, paths: list[str]) -> list[Path]:
+    """Which image files do not exist: one directory listing per folder, no stat per image."""
+    by_dir: dict[Path, set[str]] = {}
+    for rel in paths:
+        full = root / rel
+        by_dir.setdefault(full.parent, set()).add(full.name)
+    missing = []
+    for folder, wanted in by_dir.items():
+        try:
+            present = {e.name for e in os.scandir(folder) if not e.is_dir()}
+        except OSError:
+            present = set()
+        missing.extend(folder / name for name in sorted(wanted - present))
+    return missing
 
 
 def export_pairs(cur: duckdb.DuckDBPyConnection, workspace_root: str | os.PathLike, out_path: str | os.PathLike,
@@ -268,19 +286,33 @@ def export_pairs(cur: duckdb.DuckDBPyConnection, workspace_root: str | os.PathLi
     With no pairs yet the file is still written, empty, with the full column set.
     """
     _check_format(fmt, PAIR_FORMATS)
+    spec = PAIR_FORMATS[fmt]
+    if embed_images and spec.embed is None:
+        what = "JSONL" if fmt == "jsonl" else "LLaVA JSON"
+        raise UsageError(f"--embed-images needs --format parquet ({what} carries image paths)")
     if round_id is not None and scalar(cur, "SELECT count(*) FROM rounds WHERE round_id = ?", [round_id]) == 0:
         raise UsageError(f"round {round_id} does not exist in this workspace")
     root = Path(workspace_root).resolve()
-    records = [PairRecord(image=root / r["image_path"], row=r) for r in pair_rows(cur, round_id)]
-    missing = [str(rec.image) for rec in records if not rec.image.is_file()]
-    if missing:
-        log.warning("%d pair images are missing on disk, e.g. %s", len(missing), missing[0])
-        if embed_images:
-            raise UsageError(f"{len(missing)} images are missing on disk (e.g. {missing[0]}); cannot embed them")
-    with _atomic_target(out_path) as tmp:
-        PAIR_FORMATS[fmt](records, tmp, embed_images=embed_images)
-    log.info("exported %d pairs to %s (%s)", len(records), out_path, fmt)
-    return len(records)
+    with read_only_cursor(cur) as q:
+        paths = _pair_images(q, round_id)
+        missing = _missing(root, paths)
+        if missing:
+            log.warning("%d pair images are missing on disk, e.g. %s", len(missing), missing[0])
+            if embed_images:
+                raise UsageError(f"{len(missing)} images are missing on disk (e.g. {missing[0]}); cannot embed them")
+        select = spec.select
+        if embed_images:  # each image read once, however many pairs show it
+            name = f"_pair_images_{uuid.uuid4().hex}"
+            select = spec.embed.replace("{images}", name)
+            q.register(name, pa.table({"path": paths, "name": [Path(p).name for p in paths],
+                                       "data": pa.array([(root / p).read_bytes() for p in paths], pa.binary())}))
+        with _atomic_target(out_path) as tmp:
+            params = {k: v for k, v in {"root": str(root), "round_id": round_id}.items() if f"${k}" in select}
+            rows = q.execute(f"COPY (\n{select}\n) TO $out ({spec.copy_options})",
+                             {**params, "out": str(tmp)}).fetchall()
+    n = int(rows[0][0]) if rows else 0
+    log.info("exported %d pairs to %s (%s)", n, out_path, fmt)
+    return n
 
 
 # ---------------------------------------------------------------- snapshot

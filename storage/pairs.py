@@ -3,20 +3,57 @@
 from __future__ import annotations
 
 import json
+import uuid
+from dataclasses import dataclass
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.db import fetch_all, scalar, transaction
 
-PAIR_COLUMNS = ("round_id", "prompt_id", "chosen_id", "rejected_id", "source", "strategy", "margin",
-                "rubric_delta", "chosen_scores", "rejected_scores")
+PAIR_SCHEMA = pa.schema([
+    ("round_id", pa.int32()), ("prompt_id", pa.string()), ("chosen_id", pa.string()), ("rejected_id", pa.string()),
+    ("source", pa.string()), ("strategy", pa.string()), ("margin", pa.float64()), ("rubric_delta", pa.string()),
+    ("chosen_scores", pa.string()), ("rejected_scores", pa.string()),
+])
+"""A batch of pair rows as Arrow (the JSON columns as JSON text)."""
+PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
+
+
+@dataclass(frozen=True)
+class BuiltPairs:
+    """A round's pairs as one strategy built them (in SQL or in the Python reference), not yet stored."""
+
+    table: pa.Table
+    """one row per pair, the columns of ``PAIR_SCHEMA``"""
+    skipped: dict[str, int]
+    """skip reason (``backend.pairs``) -> number of prompts that gave no pair for it"""
+    needs_admin: list[str]
+    """prompts whose annotators tied, sorted: dropped until an admin decides"""
+    prompts: int
+    """prompts of the round that had candidates"""
+    path: str
+    """which implementation built them: "sql" (``storage.pair_sql``) or "python" (``backend.pairs``)"""
+
+    @property
+    def by_source(self) -> dict[str, int]:
+        counts = pc.value_counts(self.table.column("source")).to_pylist() if self.table.num_rows else []
+        return {c["values"]: c["counts"] for c in counts}
 
 
 def _js(v):
     return None if v is None else (v if isinstance(v, str) else json.dumps(v))
 
 
-def replace_draft_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, rows: list[dict]) -> int:
+def pairs_table(rows: list[dict]) -> pa.Table:
+    """Pair dicts (keys of ``PAIR_COLUMNS``; JSON columns as dicts or text) as a ``PAIR_SCHEMA`` table."""
+    json_cols = ("rubric_delta", "chosen_scores", "rejected_scores")
+    return pa.table({f.name: pa.array([_js(r.get(f.name)) if f.name in json_cols else r.get(f.name) for r in rows],
+                                      f.type) for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
+
+
+def replace_draft_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, rows: list[dict] | pa.Table) -> int:
     """Replace the round's unfrozen pairs with ``rows`` in one transaction; frozen rounds are refused."""
     if is_frozen(cur, round_id):
         raise ValueError(f"round {round_id}'s pairs are frozen (training started); they never change")
@@ -26,22 +63,11 @@ def replace_draft_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, rows: lis
     return len(rows)
 
 
-def insert_pairs(cur: duckdb.DuckDBPyConnection, rows: list[dict]) -> None:
+def insert_pairs(cur: duckdb.DuckDBPyConnection, rows: list[dict] | pa.Table) -> None:
     """Bulk-insert pair rows through a registered Arrow table (one statement, not one per row)."""
-    if not rows:
+    table = rows if isinstance(rows, pa.Table) else pairs_table(rows)
+    if not table.num_rows:
         return
-    import uuid
-
-    import pyarrow as pa
-
-    table = pa.table({
-        "round_id": pa.array([r["round_id"] for r in rows], pa.int32()),
-        **{c: pa.array([r[c] for r in rows], pa.string()) for c in ("prompt_id", "chosen_id", "rejected_id",
-                                                                       "source", "strategy")},
-        "margin": pa.array([r.get("margin") for r in rows], pa.float64()),
-        **{c: pa.array([_js(r.get(c)) for r in rows], pa.string()) for c in ("rubric_delta", "chosen_scores",
-                                                                           "rejected_scores")},
-    })
     name = f"_pairs_{uuid.uuid4().hex}"
     cur.register(name, table)
     try:
@@ -84,32 +110,42 @@ def training_rows(cur: duckdb.DuckDBPyConnection, round_id: int, workspace_root:
         ORDER BY p.prompt_id, p.chosen_id, p.rejected_id""", [workspace_root, round_id])
 
 
+# The three reads a pair strategy starts from, as SELECTs with named parameters ($round_id, $split): the
+# Python path fetches them (pairing_*); the SQL path (storage.pair_sql) uses the labels' text as its CTE and
+# the same rules, written for speed, for candidates and judgments (newest: created_at, then judgment_id).
+PAIRING_CANDIDATES_SQL = """
+    SELECT c.candidate_id, c.prompt_id, c.text, c.origin, c.view, c.sample_index
+    FROM candidates c JOIN prompts p ON p.prompt_id = c.prompt_id
+    WHERE c.round_id = $round_id AND c.origin <> 'eval' AND p.split = $split"""
+
+PAIRING_JUDGMENTS_SQL = """
+    SELECT candidate_id, judge, helpfulness, correctness, coherence, complexity, verbosity, score, overall
+    FROM (
+        SELECT j.*, row_number() OVER (PARTITION BY j.candidate_id, j.judge
+                                  ORDER BY j.created_at DESC, j.judgment_id DESC) AS rn
+        FROM judgments j JOIN candidates c ON c.candidate_id = j.candidate_id
+        WHERE c.round_id = $round_id AND j.status = 'ok')
+    WHERE rn = 1"""
+
+PAIRING_LABELS_SQL = """
+    SELECT prompt_id, annotator, source, chosen_id, rejected_id, ranking, all_bad, skipped_reason
+    FROM (
+        SELECT l.*, row_number() OVER (PARTITION BY l.prompt_id, l.annotator ORDER BY l.label_id DESC) AS rn
+        FROM labels l WHERE l.round_id = $round_id)
+    WHERE rn = 1 AND kind = 'label'"""
+
+
 def pairing_candidates(cur: duckdb.DuckDBPyConnection, round_id: int, prompt_split: str = "train") -> list[dict]:
     """Candidates of a round's prompts (policy, augmented and imported) with their view and sample index."""
-    return fetch_all(cur, """
-        SELECT c.candidate_id, c.prompt_id, c.text, c.origin, c.view, c.sample_index
-        FROM candidates c JOIN prompts p ON p.prompt_id = c.prompt_id
-        WHERE c.round_id = ? AND c.origin <> 'eval' AND p.split = ?
-        ORDER BY c.prompt_id, c.view, c.sample_index, c.candidate_id""", [round_id, prompt_split])
+    return fetch_all(cur, PAIRING_CANDIDATES_SQL + "\n    ORDER BY c.prompt_id, c.view, c.sample_index, c.candidate_id",
+                     {"round_id": round_id, "split": prompt_split})
 
 
 def pairing_judgments(cur: duckdb.DuckDBPyConnection, round_id: int) -> list[dict]:
     """The newest `ok` judgment per (candidate, judge) for the round's candidates."""
-    return fetch_all(cur, """
-        SELECT candidate_id, judge, helpfulness, correctness, coherence, complexity, verbosity, score, overall
-        FROM (
-            SELECT j.*, row_number() OVER (PARTITION BY j.candidate_id, j.judge ORDER BY j.created_at DESC) AS rn
-            FROM judgments j JOIN candidates c ON c.candidate_id = j.candidate_id
-            WHERE c.round_id = ? AND j.status = 'ok')
-        WHERE rn = 1""", [round_id])
+    return fetch_all(cur, PAIRING_JUDGMENTS_SQL, {"round_id": round_id})
 
 
 def pairing_labels(cur: duckdb.DuckDBPyConnection, round_id: int) -> list[dict]:
     """The latest label per (prompt, annotator) of a round; an annotator whose latest row is an undo has none."""
-    return fetch_all(cur, """
-        SELECT prompt_id, annotator, source, chosen_id, rejected_id, ranking, all_bad, skipped_reason
-        FROM (
-            SELECT l.*, row_number() OVER (PARTITION BY l.prompt_id, l.annotator ORDER BY l.label_id DESC) AS rn
-            FROM labels l WHERE l.round_id = ?)
-        WHERE rn = 1 AND kind = 'label'
-        ORDER BY prompt_id, annotator""", [round_id])
+    return fetch_all(cur, PAIRING_LABELS_SQL + "\n    ORDER BY prompt_id, annotator", {"round_id": round_id})

@@ -211,6 +211,42 @@ def test_pair_export_jsonl_llava_and_embedded(pairs_ws, tmp_path):
         export.export_pairs(cur, root, tmp_path / "x.parquet", round_id=7)
 
 
+def test_pair_export_rows_are_core_trl_format(pairs_ws, tmp_path):
+    """DuckDB spells the rows in SQL: every format equals core.trl_format's rows, tricky text included."""
+    from core.trl_format import llava_row, trl_row
+
+    cur, root = pairs_ws.cursor(), pairs_ws.root.resolve()
+    tricky = 'Quote " back\\slash\nnewline,\ttab, Äpfel 🍎, a\u2028separator, \x01'
+    image_id = cur.execute("SELECT image_id FROM prompts WHERE prompt_id = 'p0'").fetchall()[0][0]
+    cur.execute("INSERT INTO prompts (prompt_id, image_id, question, source, split) VALUES ('p2', ?, ?, 't', 'train')",
+                [image_id, tricky])
+    cur.execute("INSERT INTO candidates (candidate_id, prompt_id, round_id, text, origin) VALUES "
+                "('c2a', 'p2', 1, ?, 'policy'), ('c2b', 'p2', 1, ?, 'policy')", [tricky[::-1], "  " + tricky])
+    cur.execute("INSERT INTO pairs (round_id, prompt_id, chosen_id, rejected_id, source, strategy) "
+                "VALUES (1, 'p2', 'c2b', 'c2a', 'gemini', 'best-worst')")
+    rows = export.pair_rows(cur)
+    provenance = [{k: r[k] for k, _ in export.PROVENANCE_FIELDS} for r in rows]
+    images = [str(root / r["image_path"]) for r in rows]
+
+    export.export_pairs(cur, root, tmp_path / "p.parquet")
+    want = [{**trl_row({"bytes": None, "path": im}, r["question"], r["chosen_text"], r["rejected_text"]), **pv}
+            for im, r, pv in zip(images, rows, provenance)]
+    assert pq.read_table(tmp_path / "p.parquet").to_pylist() == want
+    export.export_pairs(cur, root, tmp_path / "p.jsonl", "jsonl")
+    lines = (tmp_path / "p.jsonl").read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028
+    got = [json.loads(line) for line in lines if line]
+    assert got == [{**trl_row(im, r["question"], r["chosen_text"], r["rejected_text"]), **pv}
+                   for im, r, pv in zip(images, rows, provenance)]
+    export.export_pairs(cur, root, tmp_path / "p.json", "llava")
+    assert json.loads((tmp_path / "p.json").read_text(encoding="utf-8")) == [
+        llava_row(f"r{r['round_id']}:{r['prompt_id']}:{r['chosen_id']}:{r['rejected_id']}", im, r["question"],
+                  r["chosen_text"], r["rejected_text"]) for im, r in zip(images, rows)]
+    export.export_pairs(cur, root, tmp_path / "e.parquet", embed_images=True)
+    embedded = pq.read_table(tmp_path / "e.parquet").column("images").to_pylist()
+    assert embedded == [[{"bytes": (root / r["image_path"]).read_bytes(), "path": (root / r["image_path"]).name}]
+                        for r in rows]
+
+
 def test_empty_pair_export_has_columns(db, tmp_path):
     import datasets
 

@@ -12,7 +12,8 @@ from storage.workspace import open_workspace
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=list(STRATEGIES),
                    help="pair strategy (default: pairs.strategy in prefloop.toml): "
-                        + "; ".join(f"{k}: {(v.__doc__ or '').strip().splitlines()[0]}" for k, v in STRATEGIES.items()))
+                        + "; ".join(f"{k}: {(v.python.__doc__ or '').strip().splitlines()[0]}"
+                                   for k, v in STRATEGIES.items()))
     p.add_argument("--judge", help="judge whose scores rank candidates (best-worst, best-vs-random)")
     p.add_argument("--min-margin", type=float, dest="min_margin",
                    help="best-vs-random: minimum helpfulness+correctness+coherence gap, inclusive (default 2)")

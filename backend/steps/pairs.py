@@ -1,4 +1,9 @@
-"""The pairs step (owner side): read a round's candidates, judgments and labels; build and store pairs."""
+"""The pairs step (owner side): read a round's candidates, judgments and labels; build and store pairs.
+
+A strategy with a SQL path (``backend.pairs.STRATEGIES[name].sql``) is built inside DuckDB
+(``storage.pair_sql``); any other is built by its Python reference over every candidate loaded as a
+``PromptItem``. Both give the same ``BuiltPairs`` (pairs, skip counts, prompts for an admin).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,30 @@ import logging
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backend.pairs import Candidate, Label, PairOptions, PromptItem, build_pairs
+from backend.pairs import STRATEGIES, Candidate, Label, PairOptions, PromptItem, build_pairs
 from backend.steps.common import checkpoint_path
 from backend.token_budget import Budget, Measurer, limit_of
+from core import names
 from core.config import TrainConfig
 from core.errors import PrefloopError, UsageError
+from storage import pair_sql, rounds
 from storage import pairs as pairstore
-from storage import rounds
 from storage.workspace import Workspace
+
+if TYPE_CHECKING:
+    import duckdb
 
 log = logging.getLogger(__name__)
 
 
 def load_items(ws: Workspace, round_id: int) -> list[PromptItem]:
-    cur = ws.cursor()
+    return read_items(ws.cursor(), round_id)
+
+
+def read_items(cur: duckdb.DuckDBPyConnection, round_id: int) -> list[PromptItem]:
+    """The round's prompts with candidates as ``PromptItem``s (scores and labels attached), by prompt id."""
     scores: dict[str, dict[str, dict]] = defaultdict(dict)
     for j in pairstore.pairing_judgments(cur, round_id):
         scores[j["candidate_id"]][j["judge"]] = {k: j[k] for k in (
@@ -38,6 +52,24 @@ def load_items(ws: Workspace, round_id: int) -> list[PromptItem]:
                                              tuple(ranking) if ranking else None, bool(lb["all_bad"]),
                                              lb["skipped_reason"] is not None))
     return [PromptItem(pid, tuple(cs), tuple(labels.get(pid, ()))) for pid, cs in sorted(cands.items())]
+
+
+def build_round_pairs(cur: duckdb.DuckDBPyConnection, round_id: int, strategy: str,
+                      opts: PairOptions) -> pairstore.BuiltPairs:
+    """The round's pairs by ``strategy``: in DuckDB when it has a SQL path, else by the Python reference.
+
+    Raises ValueError for an unknown strategy, or one that needs a judge and has none.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(names.unknown("pair strategy", STRATEGIES, strategy))
+    if STRATEGIES[strategy].sql:
+        return pair_sql.build_pairs(cur, round_id, strategy, judge=opts.judge, score=opts.score,
+                                    min_margin=opts.min_margin, seed=opts.seed)
+    items = read_items(cur, round_id)
+    result = build_pairs(items, strategy, opts)
+    table = pairstore.pairs_table([{**asdict(p), "round_id": round_id} for p in result.pairs])
+    return pairstore.BuiltPairs(table=table, skipped=dict(result.skipped), needs_admin=result.needs_admin,
+                                prompts=len(items), path="python")
 
 
 SKIP_ADVICE: dict[str, str] = {
@@ -126,18 +158,15 @@ def run_pairs(ws: Workspace, *, strategy: str | None = None, judge: str | None =
                        min_margin=cfg.min_margin if min_margin is None else min_margin,
                        seed=cfg.seed if seed is None else seed)
     name = strategy or cfg.strategy
-    items = load_items(ws, round_id)
     try:
-        result = build_pairs(items, name, opts)
+        built = build_round_pairs(cur, round_id, name, opts)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    rows = [{**asdict(p), "round_id": round_id} for p in result.pairs]
-    pairstore.replace_draft_pairs(cur, round_id, rows)
+    n = pairstore.replace_draft_pairs(cur, round_id, built.table)
     budget = measure(ws, round_id, rnd["policy_checkpoint_id"], ws.config.train, ws.config.policy.image_processor)
-    usable = len(rows) - (budget.too_long if isinstance(budget, Budget) else 0)
+    usable = n - (budget.too_long if isinstance(budget, Budget) else 0)
     lengths = explain_budget(budget, ws.config.train)
-    message = "; ".join(m for m in (explain(len(rows), len(items), name, dict(result.skipped), round_id),
-                                    lengths) if m)
-    return {"round_id": round_id, "strategy": name, "pairs": len(rows), "usable": usable,
-            "by_source": dict(result.by_source), "skipped": dict(result.skipped), "needs_admin": result.needs_admin,
+    message = "; ".join(m for m in (explain(n, built.prompts, name, built.skipped, round_id), lengths) if m)
+    return {"round_id": round_id, "strategy": name, "pairs": n, "usable": usable,
+            "by_source": built.by_source, "skipped": built.skipped, "needs_admin": built.needs_admin,
             **(budget.summary() if isinstance(budget, Budget) else {}), "lengths": lengths, "message": message}
