@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("app.commands.doctor", "preflight checks of the next round: models, GPUs, memory estimate, keys, disk"),
     "generate": ("app.commands.generate", "sample k candidate answers per prompt from the policy checkpoint"),
     "pairs": ("app.commands.pairs", "build the round's chosen/rejected pairs with a pair strategy"),
-    "sft": ("app.commands.sft", "supervised fine-tuning on the round's best answers (train --method sft); "
-                                "--projector-only for LLaVA's stage-1 alignment"),
+    "sft": ("app.commands.sft", ("supervised fine-tuning on the round's best answers (train --method sft); "
+                                 "--projector-only for LLaVA's stage-1 alignment")),
     "train": ("app.commands.train", "train one round on the frozen pairs: DPO, or the sft / steerlm baselines"),
     "serve": ("app.commands.serve", "run the review studio (Gradio app with login) as the workspace's owner"),
     "users": ("app.commands.users", "manage studio users: users add|list|passwd|remove|role"),
