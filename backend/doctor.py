@@ -78,13 +78,19 @@ def _model(path: str, what: str) -> tuple[Check, object | None]:
     return Check(what, OK, f"{path}: {family.title}, {type(processor).__name__}"), config
 
 
+def _runs_judge(cfg: WorkspaceConfig, name: str) -> bool:
+    """Whether a step of the run calls judge ``name``: the judge step runs judges.default, the eval step
+    round.eval_judge (pairs.judge only reads scores already stored)."""
+    return name in cfg.judges.default or cfg.round.eval_judge == name
+
+
 def check_policy(ctx: Context) -> Check:
     return _model(ctx.policy_path, "policy loads")[0]
 
 
 def check_critic(ctx: Context) -> Check:
     cfg = ctx.config
-    used = "critic" in cfg.judges.default or cfg.round.eval_judge == "critic" or cfg.pairs.judge == "critic"
+    used = _runs_judge(cfg, "critic")
     if not used:
         return Check("critic loads", SKIP, "no step of this run uses the critic judge")
     from backend.steps.judge import critic_model_path
@@ -181,7 +187,7 @@ def check_lengths(ctx: Context) -> Check:
 
 def check_gemini_key(ctx: Context) -> Check:
     cfg = ctx.config
-    used = "gemini" in cfg.judges.default or cfg.round.eval_judge == "gemini" or cfg.pairs.judge == "gemini"
+    used = _runs_judge(cfg, "gemini")
     if not used:
         return Check("Gemini key", SKIP, "no step of this run uses the gemini judge")
     if os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"):
@@ -192,7 +198,7 @@ def check_gemini_key(ctx: Context) -> Check:
 
 def check_judge_cost(ctx: Context) -> Check:
     cfg = ctx.config
-    used = "gemini" in cfg.judges.default or cfg.round.eval_judge == "gemini" or cfg.pairs.judge == "gemini"
+    used = _runs_judge(cfg, "gemini")
     if not used:
         return Check("judge cost", SKIP, "no step of this run uses the gemini judge")
     if ctx.judge_inputs is None:
@@ -278,7 +284,7 @@ def context_for(ws, config: WorkspaceConfig | None = None, *, estimate_on_cpu: b
                          config.policy.image_processor)
         if isinstance(budget, Budget):
             ctx.longest_pair, ctx.too_long = budget.longest, budget.too_long
-    if "gemini" in [*config.judges.default, config.round.eval_judge, config.pairs.judge]:
+    if _runs_judge(config, "gemini"):
         from storage import judge_usage
 
         ctx.judge_inputs = judge_usage.judge_inputs(ws.cursor(), rnd["round_id"])

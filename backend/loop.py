@@ -97,7 +97,9 @@ def _pairs(ctx: LoopContext) -> dict:
     if pairstore.is_frozen(ctx.ws.cursor(), ctx.round_id):
         return {"frozen": True}
     summary = run_pairs(ctx.ws)
-    if summary["usable"] == 0:  # stop here, saying which setting to change, rather than fail in train
+    # stop here, saying which setting to change, rather than fail in train; steerlm trains on scored
+    # candidates, not on pairs
+    if summary["usable"] == 0 and ctx.ws.config.train.method != "steerlm":
         raise UsageError(summary["message"])
     return summary
 

@@ -240,3 +240,29 @@ def test_an_sft_round_through_the_loop_shows_its_method(tmp_path, tiny_model_dir
         assert rounds_tab.details(ctx, "boss", 2)["method"] == "sft"  # not trained yet: its saved config says so
     finally:
         ws.close()
+
+
+def test_a_steerlm_round_needs_no_pairs(tmp_path, tiny_model_dir):
+    """The loop's pairs step stops a round with no usable pairs, except for steerlm (scored candidates)."""
+    from backend.loop import start_round
+    from storage import rounds
+
+    rows = []
+    for i in range(2):  # imported answers, no preference: human-only makes 0 pairs
+        h.make_image(tmp_path / "data" / f"img{i}.png", color=(60 * i, 90, 200))
+        rows.append({"image": f"img{i}.png", "question": f"What is shape {i}?",
+                     "candidates": [f"A red square {i}.", "A blue circle."]})
+    ws = h.review_workspace(tmp_path, tiny_model_dir, rows, {
+        **h.ROUND_CONFIG, "train.method": "steerlm", "pairs.strategy": "human-only", "pairs.judge": "gemini",
+        "round.eval_judge": None, "generation.k": 1, "generation.views": ["original"]})
+    try:
+        cur = ws.cursor()
+        for n, (cid,) in enumerate(cur.execute("SELECT candidate_id FROM candidates ORDER BY 1").fetchall()):
+            h.add_judgment(cur, cid, "gemini", 3.0, helpfulness=4 - n % 2, correctness=3, coherence=4,
+                           complexity=1, verbosity=2)
+        assert start_round(ws, 1).run()["trained"] == 1
+        meta = json.loads((ws.lay.checkpoints / "r001" / "meta.json").read_text())
+        assert meta["method"] == "steerlm" and meta["pairs_used"] == 4
+        assert rounds.get_checkpoint(ws.cursor(), "c1")["parent_id"] == "c0"
+    finally:
+        ws.close()
