@@ -60,6 +60,15 @@ class Context:
     counted."""
     judge_measured: dict | None = None
     """Tokens of the gemini replies already stored (``storage.judge_usage.measured_tokens``)."""
+    _shape: memory.ModelShape | None = None
+
+    def policy_shape(self) -> memory.ModelShape:
+        """The policy's shape (``memory.shape_of``, counted once for all checks); raises what loading raises."""
+        if self._shape is None:
+            from transformers import AutoConfig
+
+            self._shape = memory.shape_of(AutoConfig.from_pretrained(self.policy_path))
+        return self._shape
 
 
 def _model(path: str, what: str) -> tuple[Check, object | None]:
@@ -130,10 +139,8 @@ def check_memory(ctx: Context) -> Check:
     gpus = launch.visible_gpus() if ctx.gpus is None else ctx.gpus
     if gpus == 0 and not ctx.estimate_on_cpu:
         return Check("GPU memory", SKIP, "no GPU: the run trains on CPU")
-    from transformers import AutoConfig
-
     try:
-        shape = memory.shape_of(AutoConfig.from_pretrained(ctx.policy_path))
+        shape = ctx.policy_shape()
     except (PrefloopError, OSError, ValueError) as err:
         return Check("GPU memory", WARN, f"cannot count the policy's parameters: {err}")
     limit = ctx.config.train.max_length
@@ -214,11 +221,9 @@ def check_judge_cost(ctx: Context) -> Check:
 
 
 def check_disk(ctx: Context) -> Check:
-    from transformers import AutoConfig
-
     free = shutil.disk_usage(ctx.root).free
     try:
-        params = memory.shape_of(AutoConfig.from_pretrained(ctx.policy_path)).total_params
+        params = ctx.policy_shape().total_params
     except (PrefloopError, OSError, ValueError):
         return Check("disk space", OK if free > 50 * memory.GIB else WARN, f"{free / memory.GIB:.0f} GiB free")
     bytes_per = 2 if ctx.config.policy.dtype in ("auto", "bfloat16", "float16") else 4

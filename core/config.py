@@ -442,14 +442,15 @@ def resolve(layers: list[tuple[str, dict[str, Any]]]) -> tuple[WorkspaceConfig, 
     data: dict[str, Any] = {}
     sources = dict.fromkeys(leaves(WorkspaceConfig().model_dump()), "default")
     for label, values in layers:
-        data = _merge(data, values)
+        data = merge(data, values)
         for key in leaves(values):
             sources[key] = label
     return validate(data, " + ".join(label for label, values in layers if values) or CONFIG_NAME), sources
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top, table by table (a new dict; the inputs are not changed)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out

@@ -153,12 +153,8 @@ class Recipe:
         return f"prefloop round start --recipe {self.name} --rounds {rounds}"
 
 
-def merge(base: dict, over: dict) -> dict:
-    """``base`` with ``over`` laid on top, table by table (a new dict; the inputs are not changed)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
+merge = cfgmod.merge
+"""``base`` with ``over`` laid on top, table by table (``core.config.merge``)."""
 
 
 def _get(data: dict, dotted: str) -> Any:
